@@ -1,0 +1,212 @@
+"""The fan-out core: tables, their latest state, presence, and one mailbox per viewer.
+
+No web framework in here. Everything is synchronous and non-blocking on the publish path: an
+update is encoded once, stored, and dropped into every viewer's mailbox with `send_nowait`, so
+one slow viewer can never hold up a publisher or another viewer. Tests drive it with memory
+channels alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from .metrics import Metrics
+from .models import Publish
+
+log = logging.getLogger("mt5hub")
+
+TableId = tuple[str, str]  # (key, src)
+RESERVED = frozenset({"type", "seq", "ts", "online"})  # set by the hub, never by a publisher
+
+
+def encode(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+@attrs.frozen
+class Frame:
+    """One encoded message, shared by every mailbox it is put in.
+
+    `slot` names what a newer frame may replace when a mailbox is full: an update replaces the
+    previous update of its table, a presence the previous presence. A frame without a slot
+    (snapshot, ping, error) is never conflated.
+    """
+
+    text: str
+    slot: tuple[str, str, str] | None = None
+    received: float | None = None  # trio clock at the publish's arrival, for the latency metric
+
+
+class Mailbox:
+    """A bounded queue of frames that conflates per slot once it is full.
+
+    While the memory channel has room, frames go through it in order. Once it is full, frames
+    wait in `overflow`, keyed by slot: a newer frame of the same slot replaces the waiting one
+    (counted as conflated) and keeps its place. Until overflow is drained everything new goes
+    there too, so frames of one slot never overtake each other. Memory stays bounded by the
+    buffer size plus the number of slots (tables), however long the reader stalls.
+    """
+
+    def __init__(self, size: int, metrics: Metrics, role: str) -> None:
+        self._send, self._receive = trio.open_memory_channel[Frame](size)
+        self._overflow: dict[tuple[str, str, str], Frame] = {}
+        self._metrics = metrics
+        self._role = role
+
+    def put(self, frame: Frame) -> None:
+        if not self._overflow:
+            try:
+                self._send.send_nowait(frame)
+                return
+            except trio.WouldBlock:
+                pass
+        if frame.slot is None:
+            self._metrics.dropped.labels(self._role).inc()
+            return
+        if self._overflow.pop(frame.slot, None) is not None:
+            self._metrics.conflated.inc()
+        self._overflow[frame.slot] = frame
+
+    async def get(self) -> Frame:
+        try:
+            return self._receive.receive_nowait()
+        except trio.WouldBlock:
+            if self._overflow:
+                slot = next(iter(self._overflow))
+                return self._overflow.pop(slot)
+        return await self._receive.receive()
+
+    def __len__(self) -> int:
+        return self._receive.statistics().current_buffer_used + len(self._overflow)
+
+
+@attrs.define(eq=False)
+class TableState:
+    table: TableId
+    seq: int = 0
+    update: Frame | None = None
+    publishers: set[object] = attrs.Factory(set)  # live connections that published this table
+
+    @property
+    def online(self) -> bool:
+        return bool(self.publishers)
+
+    def snapshot_entry(self) -> str:
+        assert self.update is not None
+        # The update text is a JSON object: add `online` without decoding it again.
+        return f'{self.update.text[:-1]},"online":{"true" if self.online else "false"}}}'
+
+
+class Backplane(Protocol):
+    """Where accepted publishes and presence changes go before they reach viewers.
+
+    The in-process backplane hands them straight back to this hub. A shared one (Redis) will carry
+    them to every worker's hub; this is its seam.
+    """
+
+    def publish(self, hub: Hub, event: dict[str, Any], received: float | None) -> None: ...
+
+
+class LocalBackplane:
+    def publish(self, hub: Hub, event: dict[str, Any], received: float | None) -> None:
+        hub.apply(event, received)
+
+
+class Hub:
+    """Tables, presence and viewers of one hub process."""
+
+    def __init__(
+        self,
+        *,
+        viewer_buffer: int = 64,
+        metrics: Metrics | None = None,
+        backplane: Backplane | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metrics = metrics or Metrics()
+        self.viewer_buffer = viewer_buffer
+        self.tables: dict[TableId, TableState] = {}
+        self.viewers: set[Mailbox] = set()
+        self.publishers = 0
+        self._backplane = backplane or LocalBackplane()
+        self._wall_clock = wall_clock
+
+    def now_ms(self) -> int:
+        return int(self._wall_clock() * 1000)
+
+    # -- publishers -------------------------------------------------------------------------
+
+    def publish(self, publisher: object, message: Publish, raw: dict[str, Any]) -> None:
+        """Accept a validated publish from a live publisher connection."""
+        state = self._table(message.table)
+        if publisher not in state.publishers:
+            state.publishers.add(publisher)
+            if len(state.publishers) == 1:
+                self._presence(message.table, message.client_id, online=True)
+        event = {k: v for k, v in raw.items() if k not in RESERVED}
+        event["type"] = "update"
+        event["ts"] = self.now_ms()
+        self._backplane.publish(self, event, trio.current_time())
+
+    def publisher_gone(self, publisher: object, client_id: str) -> None:
+        """The connection closed or went silent: tables it was the last live publisher of go offline."""
+        for state in self.tables.values():
+            if publisher in state.publishers:
+                state.publishers.discard(publisher)
+                if not state.publishers:
+                    self._presence(state.table, client_id, online=False)
+
+    def _presence(self, table: TableId, client_id: str, *, online: bool) -> None:
+        key, src = table
+        event = {"type": "presence", "key": key, "src": src, "clientId": client_id}
+        event.update(online=online, ts=self.now_ms())
+        self._backplane.publish(self, event, None)
+
+    def _table(self, table: TableId) -> TableState:
+        state = self.tables.get(table)
+        if state is None:
+            state = self.tables[table] = TableState(table)
+            self.metrics.tables.set(len(self.tables))
+        return state
+
+    # -- the backplane delivers here ----------------------------------------------------------
+
+    def apply(self, event: dict[str, Any], received: float | None = None) -> None:
+        """Record an event and fan it out: encoded once, put in every mailbox without waiting."""
+        table = (event["key"], event["src"])
+        if event["type"] == "update":
+            state = self._table(table)
+            state.seq += 1
+            event = {"type": "update", **event, "seq": state.seq}
+            frame = Frame(encode(event), ("update", *table), received)
+            state.update = frame
+            self.metrics.updates.inc()
+        else:
+            frame = Frame(encode(event), ("presence", *table))
+        for mailbox in self.viewers:
+            mailbox.put(frame)
+
+    # -- viewers ----------------------------------------------------------------------------
+
+    def snapshot(self) -> Frame:
+        entries = ",".join(s.snapshot_entry() for s in self.tables.values() if s.update)
+        return Frame(f'{{"type":"snapshot","ts":{self.now_ms()},"tables":[{entries}]}}')
+
+    @contextmanager
+    def viewer(self) -> Iterator[Mailbox]:
+        """A mailbox that holds the snapshot, then every update, for as long as the block runs."""
+        mailbox = Mailbox(self.viewer_buffer, self.metrics, "viewer")
+        mailbox.put(self.snapshot())
+        self.viewers.add(mailbox)
+        try:
+            yield mailbox
+        finally:
+            self.viewers.discard(mailbox)

@@ -1,0 +1,56 @@
+"""Prometheus metrics, one registry per Hub so that tests can run several hubs in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # the `_created` series only add noise for a long-running hub
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.connections = Gauge(
+            "mt5hub_open_connections", "Open WebSocket connections", ["role"], registry=r
+        )
+        self.connections_total = Counter(
+            "mt5hub_connections", "Accepted WebSocket connections", ["role"], registry=r
+        )
+        self.tables = Gauge("mt5hub_tables", "Tables held by the hub", registry=r)
+        self.frames_in = Counter("mt5hub_frames_in", "Frames received", ["role"], registry=r)
+        self.bytes_in = Counter("mt5hub_bytes_in", "Bytes received in frames", ["role"], registry=r)
+        self.updates = Counter("mt5hub_updates", "Publishes accepted and fanned out", registry=r)
+        self.frames_out = Counter("mt5hub_frames_out", "Frames sent", ["role"], registry=r)
+        self.bytes_out = Counter("mt5hub_bytes_out", "Bytes sent in frames", ["role"], registry=r)
+        self.rejects = Counter(
+            "mt5hub_rejects", "Frames or handshakes refused", ["reason"], registry=r
+        )
+        self.closes = Counter(
+            "mt5hub_closes", "Connections closed by the hub", ["role", "code"], registry=r
+        )
+        self.conflated = Counter(
+            "mt5hub_conflated",
+            "Updates a slow viewer never saw because a newer one of the same table replaced them",
+            registry=r,
+        )
+        self.dropped = Counter(
+            "mt5hub_dropped", "Frames dropped without replacement", ["role"], registry=r
+        )
+        self.latency = Histogram(
+            "mt5hub_delivery_latency_seconds",
+            "From a publish arriving to its update written to a viewer's socket",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

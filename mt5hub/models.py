@@ -1,0 +1,203 @@
+"""The publish message, modelled with attrs and decoded with cattrs.
+
+Decoding is strict (a string is never silently turned into a number) and every refusal names the
+path of the offending field, so an EA author can find the bug from the error frame alone. What the
+model does not know (extra fields) is kept: the hub forwards the publisher's JSON as it came.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn
+
+from .errors import ProtocolError
+
+TF_NAME = re.compile(r"[A-Za-z0-9_]{1,16}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+COLOR_FIELD = "cell_color"
+MAX_CELLS = 32
+
+
+def _name(max_len: int) -> Any:
+    """An attrs validator for identifiers shown to people: 1..max_len chars, no control chars."""
+
+    def check(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
+        if not 1 <= len(value) <= max_len:
+            raise ValueError(f"{attribute.name}: must be 1 to {max_len} characters")
+        if _CONTROL.search(value):
+            raise ValueError(f"{attribute.name}: must not hold control characters")
+
+    return check
+
+
+def _color(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if len(value) > 64 or _CONTROL.search(value):
+        raise ValueError(f"{attribute.name}: must be at most 64 characters, no control characters")
+
+
+@attrs.frozen
+class Cell:
+    """One timeframe's value: on the wire `{"H1": 0.4, "cell_color": "clrGreen"}`."""
+
+    tf: str
+    value: float
+    color: str = attrs.field(validator=_color)
+
+
+@attrs.frozen
+class Row:
+    pair: str = attrs.field(validator=_name(64))
+    cells: tuple[Cell, ...]
+    sum: float
+    sum_color: str = attrs.field(validator=_color)
+
+
+@attrs.frozen
+class Publish:
+    """What a publisher sends: one signal table, identified by (key, src)."""
+
+    key: str = attrs.field(validator=_name(128))
+    src: str = attrs.field(validator=_name(128))
+    client_id: str = attrs.field(validator=_name(128))
+    data: tuple[Row, ...]
+
+    @property
+    def table(self) -> tuple[str, str]:
+        return (self.key, self.src)
+
+
+def _strict_str(value: Any, _type: type) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_json_type(value)}")
+    return value
+
+
+def _finite_number(value: Any, _type: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {_json_type(value)}")
+    if not math.isfinite(value):  # json.loads below refuses NaN too; this guards huge ints
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _cell(value: Any, _type: type) -> Cell:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {_json_type(value)}")
+    tfs = [k for k in value if k != COLOR_FIELD]
+    if len(tfs) != 1:
+        raise ValueError(f"expected exactly one timeframe field besides {COLOR_FIELD}, got {tfs}")
+    tf = tfs[0]
+    if not TF_NAME.fullmatch(tf):
+        raise ValueError(f"timeframe name {tf!r} is not 1 to 16 of A-Z a-z 0-9 _")
+    if COLOR_FIELD not in value:
+        raise ValueError(f"missing {COLOR_FIELD}")
+    return Cell(tf, _finite_number(value[tf], float), _strict_str(value[COLOR_FIELD], str))
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def make_converter(max_rows: int) -> cattrs.Converter:
+    """A converter that knows the wire names (`TF_data`, `clientId`) and the hub's limits.
+
+    Order matters: a generated hook captures the hooks of its fields when it is made.
+    """
+    conv = cattrs.Converter()
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(float, _finite_number)
+    conv.register_structure_hook(Cell, _cell)
+    _bound_length(conv, tuple[Cell, ...], MAX_CELLS, "timeframe cells")
+    wire = cattrs.override
+    row = make_dict_structure_fn(
+        Row, conv, cells=wire(rename="TF_data"), sum_color=wire(rename="sum_cell_color")
+    )
+    conv.register_structure_hook(Row, _object_only(row))
+    _bound_length(conv, tuple[Row, ...], max_rows, "rows")
+    publish = make_dict_structure_fn(Publish, conv, client_id=wire(rename="clientId"))
+    conv.register_structure_hook(Publish, _object_only(publish))
+    return conv
+
+
+def _object_only(hook: Any) -> Any:
+    def structure(value: Any, type_: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {_json_type(value)}")
+        return hook(value, type_)
+
+    return structure
+
+
+def _bound_length(conv: cattrs.Converter, type_: Any, max_len: int, what: str) -> None:
+    """Refuse over-long lists before structuring them: 100,000 rows cost nothing to refuse."""
+    inner = conv.get_structure_hook(type_)
+
+    def structure(value: Any, type_: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {_json_type(value)}")
+        if len(value) > max_len:
+            raise ValueError(f"at most {max_len} {what}, got {len(value)}")
+        return inner(value, type_)  # type: ignore[no-any-return]
+
+    conv.register_structure_hook_func(lambda t: t == type_, structure)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """json.loads without Python's extensions (NaN, Infinity) and with its failures named."""
+    if isinstance(text, bytes):
+        raise ProtocolError("bad_json", "binary frame: send JSON as a text frame")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ProtocolError("bad_json", "nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, huge integers, NaN
+        raise ProtocolError("bad_json", str(exc)) from None
+
+
+class Decoder:
+    """Turns a publisher's frame into a validated Publish plus the JSON object to forward."""
+
+    def __init__(self, max_rows: int) -> None:
+        self._conv = make_converter(max_rows)
+
+    def publish(self, obj: dict[str, Any]) -> Publish:
+        try:
+            publish: Publish = self._conv.structure(obj, Publish)
+        except cattrs.BaseValidationError as exc:
+            messages = cattrs.transform_error(exc, format_exception=_describe)
+            raise ProtocolError("bad_schema", "; ".join(map(_wire_path, messages[:5]))) from None
+        except (TypeError, ValueError) as exc:  # a hook failing at the top level
+            raise ProtocolError("bad_schema", f"$: {exc}") from None
+        return publish
+
+
+_WIRE_NAMES = {".client_id": ".clientId", ".cells": ".TF_data", ".sum_color": ".sum_cell_color"}
+
+
+def _wire_path(message: str) -> str:
+    """cattrs says `reason @ $.data[0].cells`; a publisher wants `$.data[0].TF_data: reason`."""
+    reason, _, path = message.rpartition(" @ ")
+    for attr, wire in _WIRE_NAMES.items():
+        path = re.sub(re.escape(attr) + r"(?=$|[.\[])", wire, path)
+    field, sep, rest = reason.partition(": ")
+    if sep and field.isidentifier():  # an attrs validator names its own field
+        path, reason = f"{path}.{_WIRE_NAMES.get('.' + field, '.' + field)[1:]}", rest
+    return f"{path}: {reason}"
+
+
+def _describe(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,121 @@
+"""The Quart-Trio app: HTTP routes, and the two WebSocket routes that hand over to sessions.
+
+Everything a route does beyond the handshake lives in `session` and `hub`; this module only
+authenticates, adapts the websocket, and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from quart import Response, jsonify, send_from_directory, websocket
+from quart_trio import QuartTrio
+
+from .auth import Authenticator, Refusal, bearer_token
+from .config import HubConfig, check_safe_to_serve, load_config
+from .hub import Hub, encode
+from .metrics import CONTENT_TYPE
+from .models import Decoder
+from .session import PublisherSession, ViewerSession
+from .transport import QuartTransport, TrackConnections
+
+log = logging.getLogger("mt5hub")
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _refuse(refusal: Refusal, reason: str, hub: Hub) -> Response:
+    """An HTTP answer instead of the upgrade: the client sees 401/403, not a WebSocket."""
+    hub.metrics.rejects.labels(reason).inc()
+    log.warning(
+        "refused %s from %s: %s %s",
+        websocket.path,
+        websocket.remote_addr,
+        refusal.status,
+        refusal.detail,
+    )
+    return Response(
+        encode({"error": reason, "detail": refusal.detail}),
+        status=refusal.status,
+        content_type="application/json",
+    )
+
+
+def create_app(config: HubConfig | None = None) -> QuartTrio:
+    config = config or load_config()
+    settings = config.settings
+    app = QuartTrio(__name__, static_folder=str(TEMPLATES / "static"), static_url_path="/static")
+    app.asgi_app = TrackConnections(app.asgi_app)  # type: ignore[method-assign]
+    hub = Hub(viewer_buffer=settings.viewer_buffer)
+    auth = Authenticator(settings.tokens, settings.viewer_tokens, settings.allowed_origins)
+    decoder = Decoder(settings.max_rows)
+    started = time.monotonic()
+    app.extensions["mt5hub"] = hub
+
+    @app.before_serving
+    async def startup() -> None:
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        check_safe_to_serve(config)  # raising here makes Hypercorn exit with the reason
+        log.info("mt5hub serving, config %s, binds %s", config.source, ", ".join(config.binds))
+
+    @app.get("/")
+    async def index() -> Any:
+        return await send_from_directory(TEMPLATES, "index.html")
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        return jsonify(
+            status="ok",
+            publishers=hub.publishers,
+            viewers=len(hub.viewers),
+            tables=len(hub.tables),
+            pid=os.getpid(),
+            rss_bytes=_rss_bytes(),
+            uptime_s=round(time.monotonic() - started, 1),
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(hub.metrics.render(), content_type=CONTENT_TYPE)
+
+    @app.websocket("/ws/dll")
+    async def publisher() -> Response | None:
+        grant = auth.publisher(bearer_token(websocket.headers, websocket.args))
+        if isinstance(grant, Refusal):
+            return _refuse(grant, "unauthorized", hub)
+        await websocket.accept()
+        peer = f"{websocket.remote_addr} ({grant.name or 'token'})"
+        transport = QuartTransport(websocket._get_current_object())
+        await PublisherSession(
+            hub, transport, settings, peer, grant, decoder, config.max_frame_bytes
+        ).run()
+        return None
+
+    @app.websocket("/ws")
+    async def viewer() -> Response | None:
+        refusal = auth.viewer(
+            bearer_token(websocket.headers, websocket.args),
+            websocket.headers.get("Origin"),
+            websocket.headers.get("Host"),
+        )
+        if refusal is not None:
+            return _refuse(refusal, "forbidden" if refusal.status == 403 else "unauthorized", hub)
+        await websocket.accept()
+        transport = QuartTransport(websocket._get_current_object())
+        await ViewerSession(hub, transport, settings, str(websocket.remote_addr)).run()
+        return None
+
+    return app

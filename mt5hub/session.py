@@ -1,0 +1,316 @@
+"""One connection's life: its tasks, its heartbeat, and the one reason it ends.
+
+A session runs a reader, a writer and a watchdog in one nursery, so they start and stop
+together. Nothing here knows about Quart: a session talks to a `Transport`, which the app
+implements over a Quart websocket and the tests over memory channels.
+
+The first task to find a reason to end the session (`fail`) records it and cancels the nursery;
+the session then closes the transport with that reason's close code and logs one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Protocol
+
+import trio
+
+from .config import Settings, TokenGrant
+from .errors import (
+    Flooding,
+    FrameTooLarge,
+    HeartbeatTimeout,
+    HubError,
+    ProtocolError,
+    ShuttingDown,
+    TooSlow,
+)
+from .hub import Frame, Hub, Mailbox, encode
+from .models import Decoder, parse_json
+
+log = logging.getLogger("mt5hub")
+
+PUBLISHER_OUTBOX = 16  # error frames and pings; a publisher that never reads loses some of them
+CLOSE_GRACE = 1.0  # seconds to get a close frame out before giving up on a peer
+
+
+class Transport(Protocol):
+    """What a session needs from a WebSocket. Implementations: transport.QuartTransport, tests."""
+
+    @property
+    def peer_closed(self) -> bool:
+        """True once the peer has closed the connection."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next frame, or None once the peer has closed."""
+
+    async def send(self, text: str) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+    def abort(self) -> None:
+        """Drop the connection now, so that a `send` stuck on a full socket returns."""
+
+
+class RateLimiter:
+    """A token bucket per connection, plus how long the peer has been over it without pause.
+
+    Frames over the bucket are dropped. A peer that stays over the limit (rejections less than a
+    second apart) for `flood_seconds` is flooding and gets disconnected.
+    """
+
+    def __init__(self, rate: float, burst: int, flood_seconds: float) -> None:
+        self.rate, self.burst, self.flood_seconds = rate, burst, flood_seconds
+        self._tokens = float(burst)
+        self._updated = trio.current_time()
+        self._streak_start = -math.inf
+        self._last_reject = -math.inf
+        self._last_notice = -math.inf
+
+    def allow(self) -> bool:
+        """True if this frame is within the limit; raises Flooding after a sustained flood."""
+        now = trio.current_time()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        if now - self._last_reject > 1.0:
+            self._streak_start = now
+        self._last_reject = now
+        if now - self._streak_start >= self.flood_seconds:
+            raise Flooding(f"over {self.rate:g} frames/s for {self.flood_seconds:g} s")
+        return False
+
+    def notice_due(self) -> bool:
+        """Whether to tell the peer about a dropped frame: at most once a second, not per frame."""
+        now = trio.current_time()
+        if now - self._last_notice >= 1.0:
+            self._last_notice = now
+            return True
+        return False
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
+
+
+class Session:
+    role = "session"
+    outbox: Mailbox  # what the writer sends; set by the subclass before run()
+
+    def __init__(
+        self, hub: Hub, transport: Transport, settings: Settings, peer: str, timeout: float
+    ) -> None:
+        self.hub = hub
+        self.transport = transport
+        self.settings = settings
+        self.peer = peer
+        self.timeout = timeout
+        self.error: HubError | None = None
+        self.last_seen = trio.current_time()
+        self._sending_since: float | None = None
+        self._scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        metrics = self.hub.metrics
+        metrics.connections.labels(self.role).inc()
+        metrics.connections_total.labels(self.role).inc()
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read)
+                    nursery.start_soon(self._write)
+                    nursery.start_soon(self._watch)
+        except BaseException as exc:
+            # Cancelled from outside: the server is stopping (when the peer leaves, the framework
+            # cancels us too, but then there is nobody to tell). Anything else is our bug.
+            if self.error is None and not self.transport.peer_closed:
+                if _only_cancelled(exc):
+                    self.error = ShuttingDown()
+                else:
+                    log.exception("%s %s: internal error", self.role, self.peer)
+                    self.error = HubError(repr(exc))
+            raise
+        finally:
+            metrics.connections.labels(self.role).dec()
+            self.ended()
+            with trio.CancelScope(shield=True):
+                await self._close()
+
+    def fail(self, error: HubError) -> None:
+        """End the session for this reason (the first reason wins)."""
+        if self.error is None:
+            self.error = error
+        self._scope.cancel()
+
+    async def _close(self) -> None:
+        error = self.error
+        if error is None:
+            return  # the peer closed: nothing to say
+        self.hub.metrics.closes.labels(self.role, str(error.close_code)).inc()
+        if not isinstance(error, ShuttingDown):
+            log.warning(
+                "%s %s closed %s (%s): %s",
+                self.role,
+                self.peer,
+                error.close_code,
+                error.reason,
+                error,
+            )
+        if isinstance(error, TooSlow):
+            self.transport.abort()  # its socket takes nothing: a close frame would never get out
+            return
+        with trio.move_on_after(CLOSE_GRACE) as scope:
+            try:
+                await self.transport.close(error.close_code, error.reason)
+            except Exception:  # the peer may be gone already; nothing left to tell it
+                pass
+        if scope.cancelled_caught:
+            self.transport.abort()
+
+    def ended(self) -> None:
+        """Hook for subclasses: the connection is over."""
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self.transport.receive()
+            if frame is None:
+                self._scope.cancel()  # the peer closed; writer and watchdog go with it
+                return
+            self.last_seen = trio.current_time()
+            self.hub.metrics.frames_in.labels(self.role).inc()
+            self.hub.metrics.bytes_in.labels(self.role).inc(len(frame))
+            try:
+                self.handle(frame)
+            except ProtocolError as exc:
+                self.hub.metrics.rejects.labels(exc.code).inc()
+                self.outbox.put(
+                    Frame(encode({"type": "error", "code": exc.code, "detail": exc.detail}))
+                )
+            except HubError as exc:
+                self.fail(exc)
+                return
+
+    def handle(self, frame: str | bytes) -> None:
+        raise NotImplementedError
+
+    async def _write(self) -> None:
+        metrics = self.hub.metrics
+        while True:
+            frame = await self.outbox.get()
+            self._sending_since = trio.current_time()
+            await self.transport.send(frame.text)
+            self._sending_since = None
+            metrics.frames_out.labels(self.role).inc()
+            metrics.bytes_out.labels(self.role).inc(len(frame.text))
+            if frame.received is not None:
+                metrics.latency.observe(trio.current_time() - frame.received)
+
+    async def _watch(self) -> None:
+        """Ping a quiet peer, drop a silent one, and drop one whose socket stopped taking data.
+
+        Pings go through the outbox, so a peer that does not read cannot block this task.
+        """
+        pinged_at = -math.inf
+        interval = self.settings.ping_interval
+        stuck_after = self.settings.slow_viewer_timeout
+        while True:
+            now = trio.current_time()
+            quiet = now - self.last_seen
+            if quiet >= self.timeout:
+                self.fail(HeartbeatTimeout(f"no frame for {quiet:.0f} s"))
+                return
+            if quiet >= interval and now - pinged_at >= interval:
+                self.outbox.put(Frame(encode({"type": "ping", "ts": self.hub.now_ms()})))
+                pinged_at = now
+            if self._sending_since is not None and now - self._sending_since >= stuck_after:
+                self.fail(TooSlow(f"socket took nothing for {now - self._sending_since:.0f} s"))
+                return
+            wake = [self.last_seen + self.timeout, max(self.last_seen, pinged_at) + interval]
+            if self._sending_since is not None:
+                wake.append(self._sending_since + stuck_after)
+            else:
+                wake.append(now + stuck_after)  # a send may start meanwhile: look again by then
+            await trio.sleep_until(min(wake))
+
+
+class PublisherSession(Session):
+    """A DLL: its frames are publishes (or heartbeats); it hears only errors and pings."""
+
+    role = "publisher"
+
+    def __init__(
+        self,
+        hub: Hub,
+        transport: Transport,
+        settings: Settings,
+        peer: str,
+        grant: TokenGrant,
+        decoder: Decoder,
+        max_frame_bytes: int,
+    ) -> None:
+        super().__init__(hub, transport, settings, peer, settings.publisher_timeout)
+        self.outbox = Mailbox(PUBLISHER_OUTBOX, hub.metrics, self.role)
+        self.grant = grant
+        self.decoder = decoder
+        self.max_frame_bytes = max_frame_bytes
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst, settings.flood_seconds)
+        self.client_id = "?"
+
+    async def run(self) -> None:
+        self.hub.publishers += 1
+        try:
+            await super().run()
+        finally:
+            self.hub.publishers -= 1
+
+    def ended(self) -> None:
+        self.hub.publisher_gone(self, self.client_id)
+
+    def handle(self, frame: str | bytes) -> None:
+        if len(frame) > self.max_frame_bytes:  # Hypercorn enforces it first; this is for tests
+            raise FrameTooLarge(f"{len(frame)} bytes")
+        if not self.limiter.allow():
+            if self.limiter.notice_due():
+                raise ProtocolError("rate_limited", f"over {self.settings.rate_limit:g} frames/s")
+            self.hub.metrics.rejects.labels("rate_limited").inc()
+            return
+        obj = parse_json(frame)
+        if not isinstance(obj, dict):
+            raise ProtocolError("bad_json", "expected a JSON object")
+        kind = obj.get("type", "publish")
+        if kind == "publish":
+            self._publish(obj)
+        elif kind == "ping":
+            self.outbox.put(Frame(encode({"type": "pong", "ts": self.hub.now_ms()})))
+        elif kind != "pong":
+            raise ProtocolError("unknown_type", f"$.type: unknown message type {str(kind)[:40]!r}")
+
+    def _publish(self, obj: dict[str, Any]) -> None:
+        message = self.decoder.publish(obj)
+        if not self.grant.allows(message.key):
+            raise ProtocolError(
+                "forbidden_key", f"$.key: this token may not publish {message.key!r}"
+            )
+        self.client_id = message.client_id
+        self.hub.publish(self, message, obj)
+
+
+class ViewerSession(Session):
+    """A dashboard: it hears the snapshot, then every update; what it says only proves it lives."""
+
+    role = "viewer"
+
+    def __init__(self, hub: Hub, transport: Transport, settings: Settings, peer: str) -> None:
+        super().__init__(hub, transport, settings, peer, settings.viewer_timeout)
+
+    async def run(self) -> None:
+        with self.hub.viewer() as self.outbox:
+            await super().run()
+
+    def handle(self, frame: str | bytes) -> None:
+        pass  # any frame (normally {"type":"pong"}) refreshed last_seen; there is nothing else
