@@ -113,6 +113,7 @@ class Session:
         self.error: HubError | None = None
         self.last_seen = trio.current_time()
         self._sending_since: float | None = None
+        self._sent = trio.Event()  # set when the send in progress (if any) returns
         self._scope = trio.CancelScope()
 
     async def run(self) -> None:
@@ -145,6 +146,10 @@ class Session:
         """End the session for this reason (the first reason wins)."""
         if self.error is None:
             self.error = error
+            if isinstance(error, TooSlow):
+                # Its writer is stuck in a send that Hypercorn shields from cancellation: only
+                # closing the socket under it frees the task (and a close frame cannot get out).
+                self.transport.abort()
         self._scope.cancel()
 
     async def _close(self) -> None:
@@ -162,8 +167,7 @@ class Session:
                 error,
             )
         if isinstance(error, TooSlow):
-            self.transport.abort()  # its socket takes nothing: a close frame would never get out
-            return
+            return  # aborted already (see fail)
         with trio.move_on_after(CLOSE_GRACE) as scope:
             try:
                 await self.transport.close(error.close_code, error.reason)
@@ -202,9 +206,12 @@ class Session:
         metrics = self.hub.metrics
         while True:
             frame = await self.outbox.get()
-            self._sending_since = trio.current_time()
-            await self.transport.send(frame.text)
-            self._sending_since = None
+            self._sending_since, self._sent = trio.current_time(), trio.Event()
+            try:
+                await self.transport.send(frame.text)
+            finally:
+                self._sending_since = None
+                self._sent.set()
             metrics.frames_out.labels(self.role).inc()
             metrics.bytes_out.labels(self.role).inc(len(frame.text))
             if frame.received is not None:
@@ -213,8 +220,21 @@ class Session:
     async def _watch(self) -> None:
         """Ping a quiet peer, drop a silent one, and drop one whose socket stopped taking data.
 
-        Pings go through the outbox, so a peer that does not read cannot block this task.
+        Pings go through the outbox, so a peer that does not read cannot block this task. When
+        the session is cancelled (shutdown) while the writer is stuck in a send that cannot be
+        cancelled, the watchdog gives it CLOSE_GRACE and then aborts the socket, so that the
+        session's nursery can always exit.
         """
+        try:
+            await self._watch_loop()
+        finally:
+            if self._sending_since is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
+                    await self._sent.wait()
+                if not self._sent.is_set():
+                    self.transport.abort()
+
+    async def _watch_loop(self) -> None:
         pinged_at = -math.inf
         interval = self.settings.ping_interval
         stuck_after = self.settings.slow_viewer_timeout

@@ -2,10 +2,11 @@
 //
 // An EA usually sends a web-colour name (`clrGreen`), which is what ColorToString(clr, true) gives
 // for a named colour; for any other colour it gives "R,G,B". Both are understood here, as are
-// MQL5 literals (C'0,128,0') and #RRGGBB. Nothing from the wire reaches CSS unparsed: the result
-// is always three numbers or null.
+// MQL5 literals (C'0,128,0') and #RRGGBB. Nothing from the wire reaches CSS unparsed: what comes
+// out is three numbers or a verdict.
 
-// The 132 web colours of the MQL5 reference (Constants > Objects > Web Colors), in its order.
+// The 132 web colours of the MQL5 reference (Constants, Enumerations and Structures > Objects
+// Constants > Web Colors), in its order.
 // Their values are the CSS/X11 ones, except clrLightGoldenrod, which is CSS lightgoldenrodyellow.
 const WEB_COLORS = {
   Black: '#000000', DarkGreen: '#006400', DarkSlateGray: '#2F4F4F', Olive: '#808000',
@@ -66,8 +67,8 @@ const HEX = /^#([0-9a-f]{6})$/i;
 export function parseColor(text) {
   const s = String(text ?? '').trim();
   if (s === '' || s.toLowerCase() === 'clrnone') return { kind: 'none' };
-  const named = BY_NAME.get(s.toLowerCase().replace(/^clr/, ''));
-  if (named && /^clr/i.test(s)) return { kind: 'rgb', rgb: named };
+  const lower = s.toLowerCase();
+  if (lower.startsWith('clr') && BY_NAME.has(lower.slice(3))) return { kind: 'rgb', rgb: BY_NAME.get(lower.slice(3)) };
   let m = TRIPLET.exec(s);
   if (m) {
     const rgb = m.slice(1, 4).map(Number);

@@ -27,10 +27,10 @@ export function viewerUrl(pageHref = location.href) {
 
 /**
  * Connect and stay connected.
- * @param {{url: string, onMessage: (msg: object) => void,
+ * @param {{url: string, onMessage: (msg: object) => void, onPing?: () => void,
  *          onState: (s: {state: 'connecting'|'live'|'reconnecting', retryAt?: number}) => void}} opts
  */
-export function startFeed({ url, onMessage, onState }) {
+export function startFeed({ url, onMessage, onState, onPing = () => {} }) {
   let socket = null;
   let attempt = 0; // failures since the last stable connection: the backoff exponent
   let startedAt = 0;
@@ -68,6 +68,7 @@ export function startFeed({ url, onMessage, onState }) {
     if (msg.type === 'ping') {
       notePing();
       ws.send('{"type":"pong"}'); // without it the hub drops us after viewer_timeout
+      onPing();
       return;
     }
     onMessage(msg);
@@ -109,13 +110,16 @@ export function startFeed({ url, onMessage, onState }) {
     }
   }
 
-  // Back online (laptop woke up, Wi-Fi returned): do not sit out the rest of a long backoff.
-  window.addEventListener('online', () => {
-    if (retryTimer !== null) {
+  // Back online (laptop woke up, Wi-Fi returned) or back in front of the user (timers of hidden
+  // tabs are throttled hard): do not sit out the rest of a long backoff.
+  const retryNow = () => {
+    if (retryTimer !== null && document.visibilityState === 'visible') {
       clearTimeout(retryTimer);
       connect();
     }
-  });
+  };
+  window.addEventListener('online', retryNow);
+  document.addEventListener('visibilitychange', retryNow);
   setInterval(watchdog, 5_000);
   connect();
 }

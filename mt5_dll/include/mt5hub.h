@@ -1,0 +1,101 @@
+/*
+ * mt5hub.h: the exports of mt5hub.dll, for C callers (the test program) and as the reference for
+ * the MQL5 #import in mql5/Include/Mt5Hub.mqh. Keep both in step.
+ *
+ * Every export returns at once: a background thread per handle owns the WebSocket connection.
+ * Strings are NUL-terminated UTF-16 (MQL5 `string`); text going to the hub is sent as UTF-8.
+ */
+#ifndef MT5HUB_H
+#define MT5HUB_H
+
+#include <wchar.h>
+
+#ifdef MT5HUB_BUILDING_DLL
+#define MT5HUB_API __declspec(dllexport)
+#else
+#define MT5HUB_API __declspec(dllimport)
+#endif
+
+#define MT5HUB_VERSION 1 /* protocol v1; also what Mt5HubVersion() returns */
+
+/* Mt5HubOpen flags */
+#define MT5HUB_FLAG_INSECURE_TLS 1 /* accept any server certificate (self-signed dev hub only) */
+
+/* Mt5HubStatus states */
+#define MT5HUB_STATE_CONNECTING 0 /* opening the connection */
+#define MT5HUB_STATE_CONNECTED 1  /* WebSocket open and accepted by the hub */
+#define MT5HUB_STATE_WAITING 2    /* link down, retrying after a backoff delay; see last error */
+#define MT5HUB_STATE_REJECTED 3   /* the hub refused the token (HTTP 401/403); still retrying */
+
+/* Error results (all negative) */
+#define MT5HUB_E_HANDLE (-1)    /* unknown or closed handle */
+#define MT5HUB_E_ARG (-2)       /* NULL/empty text, invalid UTF-16, unknown flag, CR/LF in token */
+#define MT5HUB_E_URL (-3)       /* not ws://host[:port][/path] or wss://... */
+#define MT5HUB_E_JSON (-4)      /* not a JSON object (NaN/Infinity are not JSON either) */
+#define MT5HUB_E_NOT_TABLE (-5) /* a JSON object without string "key" and "src" */
+#define MT5HUB_E_TOO_LARGE (-6) /* over MT5HUB_MAX_MESSAGE bytes of UTF-8, or over a lower limit
+                                   learned when the hub closed with 1009 (frame too large) */
+#define MT5HUB_E_FULL (-7)      /* the table store is full (MT5HUB_MAX_TABLES or _MAX_BYTES) */
+#define MT5HUB_E_LIMIT (-8)     /* MT5HUB_MAX_HANDLES handles are open already */
+#define MT5HUB_E_SYSTEM (-9)    /* out of memory, or no thread could be started */
+
+/* Mt5HubSend results (besides errors) */
+#define MT5HUB_QUEUED 0    /* the table's new state will be sent */
+#define MT5HUB_COALESCED 1 /* it replaced a state of the same table that was not sent yet */
+
+/* Mt5HubStat counters (per handle, since open) */
+#define MT5HUB_STAT_SENT 0       /* table frames written to the socket */
+#define MT5HUB_STAT_COALESCED 1  /* states replaced before they were sent */
+#define MT5HUB_STAT_CONNECTS 2   /* successful WebSocket upgrades (reconnects = this - 1) */
+#define MT5HUB_STAT_HUB_ERRORS 3 /* {"type":"error"} frames received from the hub */
+#define MT5HUB_STAT_ERRORS 4     /* errors recorded as last error, of any kind: watch for changes */
+#define MT5HUB_STAT_TABLES 5     /* tables held (their latest state is re-sent after a reconnect) */
+#define MT5HUB_STAT_BYTES 6      /* bytes of table state held */
+#define MT5HUB_STAT_PINGS 7      /* hub pings answered with a pong */
+
+/* Limits */
+#define MT5HUB_MAX_HANDLES 64
+#define MT5HUB_MAX_MESSAGE (1024 * 1024) /* the hub's default websocket_max_message_size */
+#define MT5HUB_MAX_TABLES 512
+#define MT5HUB_MAX_BYTES (16 * 1024 * 1024)
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Start a connection to `url` (ws:// or wss://; path defaults to /ws/dll) sending
+ * `Authorization: Bearer <token>` (no header if token is NULL or empty). Returns a handle > 0 or
+ * an error. Connecting happens in the background: watch Mt5HubStatus. */
+MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags);
+
+/* Store `json` (a publish: an object with string "key" and "src") as the latest state of its
+ * table and return: the background thread sends it as soon as the link and rate allow. */
+MT5HUB_API int Mt5HubSend(int handle, const wchar_t *json);
+
+/* Current MT5HUB_STATE_*, and in *queued (if not NULL) how many tables wait to be sent. */
+MT5HUB_API int Mt5HubStatus(int handle, int *queued);
+
+/* Copy the last error message (NUL-terminated, truncated to fit `size` characters) into `buffer`
+ * and return its full length in characters; "" if none yet. buffer may be NULL if size is 0. */
+MT5HUB_API int Mt5HubLastError(int handle, wchar_t *buffer, int size);
+
+/* One MT5HUB_STAT_* counter, or MT5HUB_E_HANDLE / MT5HUB_E_ARG. */
+MT5HUB_API long long Mt5HubStat(int handle, int which);
+
+/* Invalidate the handle and let its thread finish in the background: it sends what is still
+ * queued (up to 2 s, if connected), closes with 1000 and exits. Returns 0 or MT5HUB_E_HANDLE. */
+MT5HUB_API int Mt5HubClose(int handle);
+
+/* The DLL's threads still running in this process (per handle an I/O thread and, while
+ * connected, a reader), closing ones included. Each holds a reference to the DLL, so while this
+ * is above 0 the DLL stays loaded: unloading never pulls the code from under a thread. */
+MT5HUB_API int Mt5HubThreads(void);
+
+/* MT5HUB_VERSION. */
+MT5HUB_API int Mt5HubVersion(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,174 @@
+/*
+ * api.c: the exported functions (see include/mt5hub.h) and the handle table.
+ *
+ * MQL5 calls these on the EA's own thread, and one loaded DLL serves every EA of the terminal, so:
+ * nothing here blocks (no network, no waiting on threads), all state hangs off handles, and the
+ * table is locked because EAs on different charts call in parallel.
+ */
+#define MT5HUB_BUILDING_DLL
+#include "mt5hub.h"
+
+#include <stdlib.h>
+#include <windows.h>
+
+#include "conn.h"
+#include "json.h"
+#include "store.h"
+#include "text.h"
+
+/* A handle is (generation << 6) | slot, so a closed handle's number is not valid again when its
+ * slot is reused: a stale handle in an EA gets MT5HUB_E_HANDLE, not someone else's connection. */
+#define SLOT_BITS 6
+#if (1 << SLOT_BITS) != MT5HUB_MAX_HANDLES
+#error "SLOT_BITS must match MT5HUB_MAX_HANDLES"
+#endif
+#define MAX_GENERATION 0xFFFFFF
+
+static SRWLOCK table_lock = SRWLOCK_INIT;
+static struct {
+    conn *conn;
+    unsigned generation;
+} slots[MT5HUB_MAX_HANDLES];
+
+/* The conn of a handle, with a reference the caller must release; NULL if not open. */
+static conn *acquire(int handle)
+{
+    if (handle <= 0) return NULL;
+    unsigned slot = (unsigned)handle & (MT5HUB_MAX_HANDLES - 1);
+    unsigned generation = (unsigned)handle >> SLOT_BITS;
+    conn *c = NULL;
+    AcquireSRWLockShared(&table_lock);
+    if (slots[slot].conn && slots[slot].generation == generation) {
+        c = slots[slot].conn;
+        conn_retain(c);
+    }
+    ReleaseSRWLockShared(&table_lock);
+    return c;
+}
+
+MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags)
+{
+    conn *c;
+    int rc = conn_create(url, token, flags, &c);
+    if (rc) return rc;
+
+    int handle = MT5HUB_E_LIMIT;
+    AcquireSRWLockExclusive(&table_lock);
+    for (unsigned slot = 0; slot < MT5HUB_MAX_HANDLES; slot++) {
+        if (slots[slot].conn) continue;
+        slots[slot].generation = slots[slot].generation % MAX_GENERATION + 1;
+        slots[slot].conn = c;
+        handle = (int)(slots[slot].generation << SLOT_BITS | slot);
+        break;
+    }
+    ReleaseSRWLockExclusive(&table_lock);
+    if (handle < 0) {
+        conn_release(c);
+        return handle;
+    }
+
+    rc = conn_start(c);
+    if (rc) {
+        AcquireSRWLockExclusive(&table_lock);
+        slots[(unsigned)handle & (MT5HUB_MAX_HANDLES - 1)].conn = NULL;
+        ReleaseSRWLockExclusive(&table_lock);
+        conn_release(c);
+        return rc;
+    }
+    return handle;
+}
+
+MT5HUB_API int Mt5HubSend(int handle, const wchar_t *json)
+{
+    if (!json || !*json) return MT5HUB_E_ARG;
+    /* Convert and check before taking any lock: the only per-byte work on the EA's thread. */
+    int rc = 0;
+    size_t len = 0;
+    char *utf8 = utf16_to_utf8(json, MT5HUB_MAX_MESSAGE, &len, &rc);
+    if (!utf8) return rc;
+    json_field fields[] = {{"key", NULL}, {"src", NULL}};
+    if (!json_scan_object(utf8, len, fields, 2))
+        rc = MT5HUB_E_JSON;
+    else if (!fields[0].value || !fields[1].value)
+        rc = MT5HUB_E_NOT_TABLE;
+
+    if (rc == 0) {
+        conn *c = acquire(handle);
+        blob *state = c ? blob_new(utf8, len) : NULL;
+        if (!c)
+            rc = MT5HUB_E_HANDLE;
+        else if (!state)
+            rc = MT5HUB_E_SYSTEM;
+        else if ((rc = conn_put(c, fields[0].value, fields[1].value, state)) < 0)
+            blob_release(state);
+        if (c) conn_release(c);
+    }
+    json_free_fields(fields, 2);
+    free(utf8);
+    return rc;
+}
+
+MT5HUB_API int Mt5HubStatus(int handle, int *queued)
+{
+    conn *c = acquire(handle);
+    if (!c) return MT5HUB_E_HANDLE;
+    int state = conn_status(c, queued);
+    conn_release(c);
+    return state;
+}
+
+MT5HUB_API int Mt5HubLastError(int handle, wchar_t *buffer, int size)
+{
+    conn *c = acquire(handle);
+    if (!c) return MT5HUB_E_HANDLE;
+    int len = conn_last_error(c, buffer, size);
+    conn_release(c);
+    return len;
+}
+
+MT5HUB_API long long Mt5HubStat(int handle, int which)
+{
+    conn *c = acquire(handle);
+    if (!c) return MT5HUB_E_HANDLE;
+    long long value = conn_stat(c, which);
+    conn_release(c);
+    return value;
+}
+
+MT5HUB_API int Mt5HubClose(int handle)
+{
+    conn *c = NULL;
+    if (handle > 0) {
+        unsigned slot = (unsigned)handle & (MT5HUB_MAX_HANDLES - 1);
+        AcquireSRWLockExclusive(&table_lock);
+        if (slots[slot].conn && slots[slot].generation == (unsigned)handle >> SLOT_BITS) {
+            c = slots[slot].conn;
+            slots[slot].conn = NULL;
+        }
+        ReleaseSRWLockExclusive(&table_lock);
+    }
+    if (!c) return MT5HUB_E_HANDLE;
+    conn_stop(c);    /* the thread flushes, closes and exits on its own */
+    conn_release(c); /* the table's reference */
+    return 0;
+}
+
+MT5HUB_API int Mt5HubThreads(void)
+{
+    return conn_threads();
+}
+
+MT5HUB_API int Mt5HubVersion(void)
+{
+    return MT5HUB_VERSION;
+}
+
+BOOL WINAPI DllMain(HINSTANCE instance, DWORD reason, LPVOID reserved)
+{
+    (void)reserved;
+    /* Nothing to set up or tear down: the loader lock forbids waiting on threads here, and every
+     * I/O thread holds a reference to this DLL, so an unload only happens once they have all
+     * exited. At process exit the threads are already gone. */
+    if (reason == DLL_PROCESS_ATTACH) DisableThreadLibraryCalls(instance);
+    return TRUE;
+}

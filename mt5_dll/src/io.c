@@ -1,0 +1,558 @@
+/*
+ * io.c: the threads that own a handle's WebSocket.
+ *
+ * Threads, per handle:
+ * - the I/O thread connects, sends (tables, pings, pongs: it is the only writer of the socket),
+ *   waits out backoff delays, and on Mt5HubClose flushes and closes;
+ * - while a link is up, a reader thread sits in the blocking WinHttpWebSocketReceive and reports
+ *   hub frames (ping, error, close) back through the conn's lock and condition variable.
+ * WinHTTP allows one send and one receive at a time on a WebSocket, which is exactly this split.
+ *
+ * Liveness uses application frames only. The hub never sends protocol pings, and we send none:
+ * under Wine a protocol ping arriving while the client sends breaks the link.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "conn_internal.h"
+#include "json.h"
+#include "text.h"
+
+#define USER_AGENT L"mt5hub-dll/1"
+#define CONNECT_TIMEOUT_MS 10000 /* resolve, connect, and each send */
+#define RECEIVE_TIMEOUT_MS 30000 /* the upgrade answer; Windows' default, above PING_IDLE_MS */
+#define BACKOFF_FIRST_MS 500
+#define BACKOFF_MAX_MS 30000
+#define STABLE_LINK_MS 10000 /* a link that lived this long resets the backoff */
+#define PING_IDLE_MS 10000   /* no frame from the hub for this long: send {"type":"ping"} */
+#define DEAD_LINK_MS 25000   /* still nothing (two pings unanswered): drop the link, reconnect */
+#define CLOSE_FLUSH_MS 2000  /* on Mt5HubClose, how long the queue may still be sent */
+#define READER_JOIN_MS 2000  /* how long the hub may take to answer our close frame */
+#define SEND_RATE 40.0       /* table frames per second: below the hub's default rate_limit (50) */
+#define SEND_BURST 80.0      /* and its rate_burst (100), so a resync never trips the limit */
+#define MAX_INBOUND (1024 * 1024)
+
+static const char PING[] = "{\"type\":\"ping\"}";
+static const char PONG[] = "{\"type\":\"pong\"}";
+
+/* ---- errors and state ------------------------------------------------------------------ */
+
+static void set_winhttp_error(conn *c, const wchar_t *what, DWORD code)
+{
+    wchar_t text[256];
+    describe_error(code, text, 256);
+    set_error(c, L"%ls %ls:%u: %ls", what, c->host, (unsigned)c->port, text);
+}
+
+static void set_state(conn *c, int state)
+{
+    AcquireSRWLockExclusive(&c->lock);
+    c->state = state;
+    ReleaseSRWLockExclusive(&c->lock);
+}
+
+static int stop_requested(conn *c)
+{
+    AcquireSRWLockShared(&c->lock);
+    int stop = c->stop;
+    ReleaseSRWLockShared(&c->lock);
+    return stop;
+}
+
+/* Sleep up to ms, waking early on Mt5HubClose. Returns nonzero if stop was requested. */
+static int wait_for_stop(conn *c, DWORD ms)
+{
+    ULONGLONG deadline = GetTickCount64() + ms;
+    AcquireSRWLockExclusive(&c->lock);
+    for (ULONGLONG now; !c->stop && (now = GetTickCount64()) < deadline;)
+        SleepConditionVariableSRW(&c->wake, &c->lock, (DWORD)(deadline - now), 0);
+    int stop = c->stop;
+    ReleaseSRWLockExclusive(&c->lock);
+    return stop;
+}
+
+/* ---- handshake ------------------------------------------------------------------------- */
+
+/* Sync-mode WinHTTP still reports why it rejected a certificate through the status callback,
+ * which runs on the calling thread during WinHttpSendRequest. */
+static void CALLBACK on_secure_failure(HINTERNET h, DWORD_PTR context, DWORD status, LPVOID info,
+                                       DWORD info_len)
+{
+    (void)h;
+    if (status == WINHTTP_CALLBACK_STATUS_SECURE_FAILURE && info && info_len >= sizeof(DWORD))
+        ((conn *)context)->tls_failure = *(DWORD *)info;
+}
+
+/* Why the certificate was refused, from the secure-failure flags; NULL if WinHTTP did not say
+ * (Wine does not). */
+static const wchar_t *certificate_problem(DWORD flags)
+{
+    if (flags & WINHTTP_CALLBACK_STATUS_FLAG_INVALID_CA) return L"signed by an unknown authority";
+    if (flags & WINHTTP_CALLBACK_STATUS_FLAG_CERT_CN_INVALID) return L"for another host name";
+    if (flags & WINHTTP_CALLBACK_STATUS_FLAG_CERT_DATE_INVALID) return L"expired or not yet valid";
+    if (flags & WINHTTP_CALLBACK_STATUS_FLAG_CERT_REVOKED) return L"revoked";
+    return flags ? L"not acceptable" : NULL;
+}
+
+static void set_tls_error(conn *c, DWORD code)
+{
+    const wchar_t *problem = certificate_problem(c->tls_failure);
+    wchar_t text[256];
+    describe_error(code, text, 256);
+    if (problem)
+        set_error(c, L"TLS: the certificate of %ls:%u is %ls (%ls). Use a certificate Windows "
+                     L"trusts; MT5HUB_FLAG_INSECURE_TLS is for a self-signed development hub only",
+                  c->host, (unsigned)c->port, problem, text);
+    else
+        set_error(c, L"TLS with %ls:%u failed: %ls. If the hub uses a self-signed development "
+                     L"certificate, open with MT5HUB_FLAG_INSECURE_TLS",
+                  c->host, (unsigned)c->port, text);
+}
+
+enum { LINK_FAILED, LINK_REJECTED, LINK_UP };
+
+/* Connect and upgrade to a WebSocket; on LINK_UP c->connection and c->ws are open. */
+static int open_link(conn *c)
+{
+    int result = LINK_FAILED;
+    HINTERNET request = NULL;
+    c->connection = WinHttpConnect(c->session, c->host, c->port, 0);
+    if (!c->connection) {
+        set_winhttp_error(c, L"cannot connect to", GetLastError());
+        return LINK_FAILED;
+    }
+    request = WinHttpOpenRequest(c->connection, L"GET", c->path, NULL, WINHTTP_NO_REFERER,
+                                 WINHTTP_DEFAULT_ACCEPT_TYPES, c->secure ? WINHTTP_FLAG_SECURE : 0);
+    if (!request) {
+        set_winhttp_error(c, L"cannot open a request to", GetLastError());
+        goto done;
+    }
+    if (c->secure) {
+        if (c->flags & MT5HUB_FLAG_INSECURE_TLS) {
+            DWORD ignore = SECURITY_FLAG_IGNORE_UNKNOWN_CA | SECURITY_FLAG_IGNORE_CERT_CN_INVALID |
+                           SECURITY_FLAG_IGNORE_CERT_DATE_INVALID |
+                           SECURITY_FLAG_IGNORE_CERT_WRONG_USAGE;
+            WinHttpSetOption(request, WINHTTP_OPTION_SECURITY_FLAGS, &ignore, sizeof ignore);
+        }
+        c->tls_failure = 0;
+        DWORD_PTR context = (DWORD_PTR)c;
+        WinHttpSetOption(request, WINHTTP_OPTION_CONTEXT_VALUE, &context, sizeof context);
+        WinHttpSetStatusCallback(request, on_secure_failure, WINHTTP_CALLBACK_FLAG_SECURE_FAILURE,
+                                 0);
+    }
+    if (!WinHttpSetOption(request, WINHTTP_OPTION_UPGRADE_TO_WEB_SOCKET, NULL, 0)) {
+        set_winhttp_error(c, L"no WebSocket support in WinHTTP for", GetLastError());
+        goto done;
+    }
+    const wchar_t *headers = c->auth_header ? c->auth_header : WINHTTP_NO_ADDITIONAL_HEADERS;
+    DWORD headers_len = c->auth_header ? (DWORD)-1L : 0; /* -1: NUL-terminated */
+    if (!WinHttpSendRequest(request, headers, headers_len, WINHTTP_NO_REQUEST_DATA, 0, 0, 0) ||
+        !WinHttpReceiveResponse(request, NULL)) {
+        DWORD code = GetLastError();
+        if (c->secure && (c->tls_failure || code == ERROR_WINHTTP_SECURE_FAILURE ||
+                          code == ERROR_WINHTTP_SECURE_CHANNEL_ERROR))
+            set_tls_error(c, code);
+        else
+            set_winhttp_error(c, L"cannot reach", code);
+        goto done;
+    }
+
+    DWORD status = 0, size = sizeof status;
+    WinHttpQueryHeaders(request, WINHTTP_QUERY_STATUS_CODE | WINHTTP_QUERY_FLAG_NUMBER,
+                        WINHTTP_HEADER_NAME_BY_INDEX, &status, &size, WINHTTP_NO_HEADER_INDEX);
+    if (status == 401 || status == 403) {
+        set_error(c, L"the hub refused the token (HTTP %lu%ls)", status,
+                  status == 401 ? L": no token given" : L": token not valid");
+        result = LINK_REJECTED;
+        goto done;
+    }
+    if (status != 101) {
+        set_error(c, L"the hub answered HTTP %lu instead of a WebSocket upgrade: is the URL path "
+                     L"right (%ls)?",
+                  status, c->path);
+        goto done;
+    }
+    c->ws = WinHttpWebSocketCompleteUpgrade(request, 0);
+    if (!c->ws) {
+        set_winhttp_error(c, L"WebSocket upgrade failed with", GetLastError());
+        goto done;
+    }
+    /* The reader waits for hub frames as long as it takes: our pings and DEAD_LINK_MS decide
+     * when a quiet link is dead. Should a WinHTTP version refuse this, RECEIVE_TIMEOUT_MS is
+     * still longer than the ping interval, so an idle but healthy link never times out. */
+    DWORD no_timeout = 0;
+    WinHttpSetOption(c->ws, WINHTTP_OPTION_RECEIVE_TIMEOUT, &no_timeout, sizeof no_timeout);
+    result = LINK_UP;
+done:
+    if (request) WinHttpCloseHandle(request); /* the WebSocket handle lives on without it */
+    if (result != LINK_UP) {
+        WinHttpCloseHandle(c->connection);
+        c->connection = NULL;
+    }
+    return result;
+}
+
+/* ---- the reader thread ----------------------------------------------------------------- */
+
+/* What a reader needs. It holds its own reference to the conn: a reader stuck in a receive
+ * may be left behind by close_link and outlive its link (and even the handle). */
+typedef struct reader_args {
+    conn *c;
+    HINTERNET ws;
+    unsigned link; /* the conn's link_id while this reader's link was current */
+} reader_args;
+
+/* Caller holds the lock. A reader whose link is over must not touch the next link's state. */
+static int is_current(const conn *c, const reader_args *r)
+{
+    return c->link_id == r->link;
+}
+
+static const wchar_t *close_meaning(USHORT code)
+{
+    switch (code) {
+    case 1000: return L"normal close";
+    case 1001: return L"hub shutting down";
+    case 1008: return L"flood: over the rate limit for too long";
+    case 1009: return L"frame too large";
+    case 1011: return L"hub internal error";
+    case 4008: return L"heartbeat timeout";
+    default: return L"";
+    }
+}
+
+static void on_hub_close(conn *c, const reader_args *r)
+{
+    USHORT code = 0;
+    char reason[124] = ""; /* a close reason is at most 123 bytes */
+    DWORD reason_len = 0;
+    WinHttpWebSocketQueryCloseStatus(r->ws, &code, reason, sizeof reason - 1, &reason_len);
+    reason[reason_len < sizeof reason ? reason_len : sizeof reason - 1] = '\0';
+    wchar_t wide_reason[124];
+    utf8_to_utf16(reason, wide_reason, 124);
+    AcquireSRWLockExclusive(&c->lock);
+    if (is_current(c, r) && !c->closing) {
+        set_error_locked(c, L"the hub closed the link: %u %ls%ls%ls", (unsigned)code,
+                         close_meaning(code), *wide_reason ? L": " : L"", wide_reason);
+        if (code == 1009) c->frame_too_large = 1;
+    }
+    ReleaseSRWLockExclusive(&c->lock);
+}
+
+static void on_hub_message(conn *c, const reader_args *r, const char *text, size_t len)
+{
+    json_field fields[] = {{"type", NULL}, {"code", NULL}, {"detail", NULL}};
+    if (json_scan_object(text, len, fields, 3) && fields[0].value) {
+        if (!strcmp(fields[0].value, "ping")) {
+            AcquireSRWLockExclusive(&c->lock);
+            if (is_current(c, r)) {
+                c->pong_owed = 1;
+                WakeAllConditionVariable(&c->wake);
+            }
+            ReleaseSRWLockExclusive(&c->lock);
+        } else if (!strcmp(fields[0].value, "error")) {
+            wchar_t code[64], detail[400];
+            utf8_to_utf16(fields[1].value ? fields[1].value : "?", code, 64);
+            utf8_to_utf16(fields[2].value ? fields[2].value : "", detail, 400);
+            AcquireSRWLockExclusive(&c->lock);
+            if (is_current(c, r)) {
+                set_error_locked(c, L"hub error %ls: %ls", code, detail);
+                c->stats[MT5HUB_STAT_HUB_ERRORS]++;
+            }
+            ReleaseSRWLockExclusive(&c->lock);
+        }
+        /* "pong" and unknown types: receiving them already proved the link alive. */
+    }
+    json_free_fields(fields, 3);
+}
+
+static DWORD WINAPI reader_main(void *arg)
+{
+    reader_args *r = arg;
+    conn *c = r->c;
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    int oversized = 0; /* a message over MAX_INBOUND is read to its end and dropped */
+    while (buf) {
+        if (len == cap) {
+            char *grown = cap < MAX_INBOUND ? realloc(buf, cap * 2) : NULL;
+            if (grown) {
+                buf = grown;
+                cap *= 2;
+            } else {
+                oversized = 1;
+                len = 0;
+            }
+        }
+        DWORD n = 0;
+        WINHTTP_WEB_SOCKET_BUFFER_TYPE type;
+        DWORD err = WinHttpWebSocketReceive(r->ws, buf + len, (DWORD)(cap - len), &n, &type);
+
+        AcquireSRWLockExclusive(&c->lock);
+        int current = is_current(c, r);
+        if (current && !err) c->last_rx = GetTickCount64();
+        if (current && err && !c->closing) {
+            wchar_t text[256];
+            describe_error(err, text, 256);
+            set_error_locked(c, L"link to %ls:%u lost: %ls", c->host, (unsigned)c->port, text);
+        }
+        ReleaseSRWLockExclusive(&c->lock);
+        if (!current || err) break; /* an abandoned reader never touches the handle again */
+
+        if (type == WINHTTP_WEB_SOCKET_CLOSE_BUFFER_TYPE) {
+            on_hub_close(c, r);
+            break;
+        }
+        len += n;
+        if (type == WINHTTP_WEB_SOCKET_UTF8_FRAGMENT_BUFFER_TYPE ||
+            type == WINHTTP_WEB_SOCKET_BINARY_FRAGMENT_BUFFER_TYPE)
+            continue;
+        if (type == WINHTTP_WEB_SOCKET_UTF8_MESSAGE_BUFFER_TYPE && !oversized)
+            on_hub_message(c, r, buf, len);
+        len = 0;
+        oversized = 0;
+    }
+    free(buf);
+    AcquireSRWLockExclusive(&c->lock);
+    if (is_current(c, r)) {
+        c->link_dead = c->reader_done = 1;
+        WakeAllConditionVariable(&c->wake);
+    }
+    ReleaseSRWLockExclusive(&c->lock);
+    conn_release(c);
+    free(r);
+    thread_exit();
+}
+
+/* ---- the I/O thread -------------------------------------------------------------------- */
+
+static int send_text(conn *c, const char *text, size_t len)
+{
+    DWORD err = WinHttpWebSocketSend(c->ws, WINHTTP_WEB_SOCKET_UTF8_MESSAGE_BUFFER_TYPE,
+                                     (void *)text, (DWORD)len);
+    if (err) {
+        wchar_t msg[256];
+        describe_error(err, msg, 256);
+        AcquireSRWLockExclusive(&c->lock);
+        if (!c->reader_done) /* else the reader already said why */
+            set_error_locked(c, L"sending to %ls:%u failed: %ls", c->host, (unsigned)c->port, msg);
+        ReleaseSRWLockExclusive(&c->lock);
+    }
+    return err == 0;
+}
+
+static DWORD min_ms(DWORD a, ULONGLONG b)
+{
+    return b < a ? (DWORD)b : a;
+}
+
+/* Send while the link is up: pongs first, then tables (rate-limited), pings when the hub has been
+ * quiet. Returns when the link is dead, or on stop once the queue is flushed or CLOSE_FLUSH_MS
+ * has passed. */
+static void pump(conn *c)
+{
+    double tokens = SEND_BURST;
+    ULONGLONG refilled = GetTickCount64(), last_ping = 0, flush_deadline = 0;
+    for (;;) {
+        const char *text = NULL;
+        size_t len = 0;
+        blob *table = NULL;
+
+        AcquireSRWLockExclusive(&c->lock);
+        for (;;) {
+            ULONGLONG now = GetTickCount64();
+            tokens += (double)(now - refilled) * SEND_RATE / 1000.0;
+            if (tokens > SEND_BURST) tokens = SEND_BURST;
+            refilled = now;
+
+            if (c->link_dead) break;
+            if (c->stop) {
+                if (!flush_deadline) flush_deadline = now + CLOSE_FLUSH_MS;
+                if (!c->tables.dirty || now >= flush_deadline) break;
+            }
+            if (c->pong_owed) {
+                c->pong_owed = 0;
+                c->stats[MT5HUB_STAT_PINGS]++;
+                text = PONG, len = sizeof PONG - 1;
+                break;
+            }
+            if (now - c->last_rx >= DEAD_LINK_MS) {
+                set_error_locked(c, L"no answer from the hub for %u s: reconnecting",
+                                 DEAD_LINK_MS / 1000);
+                c->link_dead = 1;
+                break;
+            }
+            ULONGLONG ping_due = (c->last_rx > last_ping ? c->last_rx : last_ping) + PING_IDLE_MS;
+            if (!c->stop && now >= ping_due) {
+                last_ping = now;
+                text = PING, len = sizeof PING - 1;
+                break;
+            }
+            if (c->tables.dirty && tokens >= 1.0) {
+                table = store_take(&c->tables);
+                tokens -= 1.0;
+                text = table->data, len = table->len;
+                break;
+            }
+            /* Nothing to do yet: sleep until the next deadline or until someone wakes us. */
+            DWORD wait = min_ms(INFINITE - 1, ping_due - now);
+            wait = min_ms(wait, c->last_rx + DEAD_LINK_MS - now);
+            if (c->tables.dirty) /* waiting for the rate limit's next token */
+                wait = min_ms(wait, (ULONGLONG)((1.0 - tokens) * 1000.0 / SEND_RATE) + 1);
+            if (flush_deadline) wait = min_ms(wait, flush_deadline - now);
+            SleepConditionVariableSRW(&c->wake, &c->lock, wait, 0);
+        }
+        ReleaseSRWLockExclusive(&c->lock);
+
+        if (!text) return; /* link dead, or stop and flushed */
+        int sent = send_text(c, text, len);
+        if (table) {
+            blob_release(table);
+            if (sent) {
+                AcquireSRWLockExclusive(&c->lock);
+                c->stats[MT5HUB_STAT_SENT]++;
+                if (len > c->largest_sent) c->largest_sent = len;
+                ReleaseSRWLockExclusive(&c->lock);
+            }
+            /* A table whose send failed is re-sent anyway: reconnecting marks all tables dirty. */
+        }
+        if (!sent) return;
+    }
+}
+
+/* Close the WebSocket and let the reader thread end; never waits more than 2 x READER_JOIN_MS. */
+static void close_link(conn *c)
+{
+    AcquireSRWLockExclusive(&c->lock);
+    c->closing = 1;
+    if (!c->stop) c->state = MT5HUB_STATE_WAITING;
+    int reader_done = c->reader_done;
+    ReleaseSRWLockExclusive(&c->lock);
+
+    if (reader_done) {
+        /* The hub closed or the socket failed: complete the close handshake if there is one. */
+        WinHttpWebSocketClose(c->ws, WINHTTP_WEB_SOCKET_SUCCESS_CLOSE_STATUS, NULL, 0);
+    } else {
+        /* Send our close frame; the hub's answer ends the reader's pending receive. */
+        WinHttpWebSocketShutdown(c->ws, WINHTTP_WEB_SOCKET_SUCCESS_CLOSE_STATUS, NULL, 0);
+    }
+    int joined = WaitForSingleObject(c->reader, READER_JOIN_MS) == WAIT_OBJECT_0;
+
+    /* Whatever the reader still reports is about a dead link now: is_current() turns it away. */
+    AcquireSRWLockExclusive(&c->lock);
+    c->link_id++;
+    ReleaseSRWLockExclusive(&c->lock);
+    /* On Windows closing the handle fails a pending receive. Wine's receive keeps waiting until
+     * the peer sends something or TCP gives up (a hub that hangs): then the reader is left to
+     * finish on its own, with its own references, and we reconnect meanwhile. */
+    WinHttpCloseHandle(c->ws);
+    c->ws = NULL;
+    if (!joined) WaitForSingleObject(c->reader, READER_JOIN_MS);
+    CloseHandle(c->reader);
+    c->reader = NULL;
+    WinHttpCloseHandle(c->connection);
+    c->connection = NULL;
+}
+
+/* The hub closed with 1009: some frame of that link was over its websocket_max_message_size,
+ * which is lower than ours. Re-sending that table after each reconnect would loop forever, so
+ * learn a lower limit: below the largest frame of that link (the culprit or larger). */
+static void learn_frame_limit(conn *c)
+{
+    AcquireSRWLockExclusive(&c->lock);
+    if (c->frame_too_large && c->largest_sent > 0) {
+        c->max_frame = c->largest_sent - 1;
+        int dropped = store_drop_larger(&c->tables, c->max_frame);
+        set_error_locked(c, L"the hub refused a frame as too large (1009): table states over %lu "
+                            L"bytes are refused from now on (%d dropped)",
+                         (unsigned long)c->max_frame, dropped);
+    }
+    c->frame_too_large = 0;
+    c->largest_sent = 0;
+    ReleaseSRWLockExclusive(&c->lock);
+}
+
+static unsigned next_random(conn *c)
+{
+    /* xorshift32: only for jitter, so that many EAs do not reconnect in step. */
+    c->rng ^= c->rng << 13;
+    c->rng ^= c->rng >> 17;
+    c->rng ^= c->rng << 5;
+    return c->rng;
+}
+
+/* Exponential backoff with "equal jitter": between half and all of 0.5 s * 2^attempt, capped. */
+static DWORD backoff_ms(conn *c, unsigned attempt)
+{
+    DWORD cap = BACKOFF_FIRST_MS << (attempt < 6 ? attempt : 6);
+    if (cap > BACKOFF_MAX_MS) cap = BACKOFF_MAX_MS;
+    return cap / 2 + next_random(c) % (cap / 2 + 1);
+}
+
+/* Start the reader of the link just opened, with its own reference to c. */
+static int start_reader(conn *c)
+{
+    reader_args *r = malloc(sizeof *r);
+    if (!r) return 0;
+    *r = (reader_args){c, c->ws, c->link_id};
+    conn_retain(c);
+    c->reader = start_thread(reader_main, r);
+    if (c->reader) return 1;
+    conn_release(c); /* never the last reference: the I/O thread holds one */
+    free(r);
+    return 0;
+}
+
+static void run(conn *c)
+{
+    unsigned attempt = 0;
+    while (!stop_requested(c)) {
+        set_state(c, MT5HUB_STATE_CONNECTING);
+        int link = open_link(c);
+        if (link == LINK_UP) {
+            ULONGLONG up_since = GetTickCount64();
+            AcquireSRWLockExclusive(&c->lock);
+            c->link_dead = c->reader_done = c->closing = c->pong_owed = 0;
+            c->last_rx = up_since;
+            c->state = MT5HUB_STATE_CONNECTED;
+            c->stats[MT5HUB_STAT_CONNECTS]++;
+            store_mark_all_dirty(&c->tables); /* the hub may have restarted: give it everything */
+            ReleaseSRWLockExclusive(&c->lock);
+
+            if (start_reader(c)) {
+                pump(c);
+                close_link(c);
+                learn_frame_limit(c);
+            } else {
+                set_winhttp_error(c, L"no reader thread for", GetLastError());
+                WinHttpCloseHandle(c->ws);
+                WinHttpCloseHandle(c->connection);
+                c->ws = c->connection = NULL;
+            }
+            if (GetTickCount64() - up_since >= STABLE_LINK_MS) attempt = 0;
+        }
+        if (stop_requested(c)) break;
+        set_state(c, link == LINK_REJECTED ? MT5HUB_STATE_REJECTED : MT5HUB_STATE_WAITING);
+        if (wait_for_stop(c, backoff_ms(c, attempt++))) break;
+    }
+}
+
+DWORD WINAPI io_main(void *arg)
+{
+    conn *c = arg;
+    c->session = WinHttpOpen(USER_AGENT, WINHTTP_ACCESS_TYPE_DEFAULT_PROXY, WINHTTP_NO_PROXY_NAME,
+                             WINHTTP_NO_PROXY_BYPASS, 0);
+    if (c->session) {
+        WinHttpSetTimeouts(c->session, CONNECT_TIMEOUT_MS, CONNECT_TIMEOUT_MS, CONNECT_TIMEOUT_MS,
+                           RECEIVE_TIMEOUT_MS);
+        run(c);
+        WinHttpCloseHandle(c->session);
+        c->session = NULL;
+    } else {
+        set_winhttp_error(c, L"WinHttpOpen failed for", GetLastError());
+        set_state(c, MT5HUB_STATE_WAITING);
+        wait_for_stop(c, INFINITE);
+    }
+    conn_release(c);
+    thread_exit();
+}

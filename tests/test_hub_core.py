@@ -1,0 +1,318 @@
+"""The fan-out core and sessions, driven through memory channels: no sockets, no Quart.
+
+Time is trio's MockClock (autojump): an hour of heartbeats and timeouts runs in milliseconds and
+the outcome never depends on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from helpers import publish_frame
+from mt5hub.config import Settings, TokenGrant
+from mt5hub.hub import Frame, Hub, Mailbox
+from mt5hub.metrics import Metrics
+from mt5hub.models import Decoder
+from mt5hub.session import CLOSE_GRACE, PublisherSession, ViewerSession
+
+
+class MemoryTransport:
+    """A WebSocket made of two memory channels. Like Hypercorn's, `send` cannot be cancelled
+    while the peer is not reading; only `abort` frees it."""
+
+    def __init__(self, window: int = 0) -> None:
+        self.to_hub, self._from_peer = trio.open_memory_channel[str | bytes](math.inf)
+        self._to_peer, self.from_hub = trio.open_memory_channel[str](window)
+        self.closed_with: tuple[int, str] | None = None
+        self.aborted = False
+        self.peer_closed = False
+
+    async def receive(self) -> str | bytes | None:
+        try:
+            return await self._from_peer.receive()
+        except trio.EndOfChannel:
+            self.peer_closed = True
+            return None
+
+    async def send(self, text: str) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self._to_peer.send(text)
+            except trio.ClosedResourceError:
+                pass  # aborted under us: the frame is lost, as on a reset socket
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed_with = (code, reason)
+        self._to_peer.close()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._to_peer.close()
+
+    # the peer's side
+    async def say(self, obj: Any) -> None:
+        await self.to_hub.send(obj if isinstance(obj, str | bytes) else json.dumps(obj))
+
+    def hang_up(self) -> None:
+        self.to_hub.close()
+
+    async def hear(self) -> dict[str, Any]:
+        return json.loads(await self.from_hub.receive())  # type: ignore[no-any-return]
+
+    def heard_so_far(self) -> list[dict[str, Any]]:
+        messages = []
+        while True:
+            try:
+                messages.append(json.loads(self.from_hub.receive_nowait()))
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return messages
+
+
+SETTINGS = Settings(
+    ping_interval=10, publisher_timeout=30, viewer_timeout=30, slow_viewer_timeout=10,
+    viewer_buffer=4, rate_limit=10, rate_burst=10, flood_seconds=3,
+)
+GRANT = TokenGrant("t", ("*",), "test")
+
+
+@attrs.define
+class Rig:
+    hub: Hub
+    nursery: trio.Nursery
+    settings: Settings
+
+    async def viewer(self, window: int = 100) -> MemoryTransport:
+        transport = MemoryTransport(window)
+        await self._start(ViewerSession(self.hub, transport, self.settings, "viewer").run)
+        return transport
+
+    async def publisher(self, grant: TokenGrant = GRANT) -> MemoryTransport:
+        transport = MemoryTransport(100)
+        session = PublisherSession(
+            self.hub, transport, self.settings, "publisher", grant, Decoder(500), 1 << 20
+        )
+        await self._start(session.run)
+        return transport
+
+    async def _start(self, run: Callable[[], Any]) -> None:
+        self.nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+
+
+@asynccontextmanager
+async def rig(settings: Settings = SETTINGS) -> AsyncIterator[Rig]:
+    async with trio.open_nursery() as nursery:
+        yield Rig(Hub(viewer_buffer=settings.viewer_buffer, wall_clock=lambda: 1000.0), nursery,
+                  settings)
+        nursery.cancel_scope.cancel()
+
+
+def frame(table: str, n: int) -> Frame:
+    return Frame(f'{{"table":"{table}","n":{n}}}', ("update", table, ""))
+
+
+async def test_mailbox_keeps_order_until_full_then_conflates_to_latest_per_table(autojump_clock: trio.testing.MockClock) -> None:
+    metrics = Metrics()
+    box = Mailbox(2, metrics, "viewer")
+    for n in range(1, 6):
+        box.put(frame("A", n))
+        box.put(frame("B", n))
+    assert len(box) == 2 + 2  # the buffer, plus one waiting frame per table
+    got = [json.loads((await box.get()).text) for _ in range(4)]
+    assert got == [{"table": "A", "n": 1}, {"table": "B", "n": 1},
+                   {"table": "A", "n": 5}, {"table": "B", "n": 5}]
+    assert metrics.conflated._value.get() == 6  # A2..A4 and B2..B4 never delivered
+
+
+async def test_mailbox_never_lets_an_older_frame_overtake_a_newer_one(autojump_clock: trio.testing.MockClock) -> None:
+    box = Mailbox(1, Metrics(), "viewer")
+    box.put(frame("A", 1))
+    box.put(frame("A", 2))  # buffer full: waits in overflow
+    assert json.loads((await box.get()).text)["n"] == 1
+    box.put(frame("A", 3))  # room in the buffer again, but overflow is not drained: joins it
+    assert json.loads((await box.get()).text)["n"] == 3
+    assert len(box) == 0
+
+
+async def test_viewer_gets_snapshot_then_updates_then_presence(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig() as r:
+        pub = await r.publisher()
+        await pub.say(publish_frame(key="EA1", src="S1", value=1))
+        await trio.testing.wait_all_tasks_blocked()
+        view = await r.viewer()
+        snapshot = await view.hear()
+        assert snapshot["type"] == "snapshot"
+        [table] = snapshot["tables"]
+        assert (table["key"], table["src"], table["seq"], table["online"]) == ("EA1", "S1", 1, True)
+        await pub.say(publish_frame(key="EA1", src="S1", value=2, note="kept"))
+        update = await view.hear()
+        assert update["type"] == "update" and update["seq"] == 2 and update["note"] == "kept"
+        assert update["data"][0]["TF_data"][0] == {"M1": 2.0, "cell_color": "clrGreen"}
+        pub.hang_up()
+        assert await view.hear() == {"type": "presence", "key": "EA1", "src": "S1",
+                                     "clientId": "EA1_1", "online": False, "ts": 1000000}
+
+
+async def test_table_stays_online_until_its_last_publisher_leaves(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig() as r:
+        view = await r.viewer()
+        assert (await view.hear())["type"] == "snapshot"
+        first, second = await r.publisher(), await r.publisher()
+        await first.say(publish_frame(client_id="A"))
+        await second.say(publish_frame(client_id="B"))
+        await trio.testing.wait_all_tasks_blocked()
+        kinds = [(m["type"], m.get("clientId")) for m in view.heard_so_far()]
+        assert kinds == [("presence", "A"), ("update", "A"), ("update", "B")]
+        first.hang_up()
+        await trio.testing.wait_all_tasks_blocked()
+        assert view.heard_so_far() == []  # B still publishes it: no presence change
+        second.hang_up()
+        assert (await view.hear())["online"] is False
+
+
+async def test_slow_viewer_never_delays_others_and_is_dropped_when_stuck(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig() as r:
+        stuck = await r.viewer(window=0)  # reads nothing, ever
+        healthy = await r.viewer(window=1000)
+        pub = await r.publisher()
+        start = trio.current_time()
+        for n in range(1, 6):  # 10 frames: the rate limiter's burst
+            await pub.say(publish_frame(key="EA1", value=n))
+            await pub.say(publish_frame(key="EA2", value=n))
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == start  # nothing waited on the stuck viewer
+        heard = healthy.heard_so_far()
+        assert [m["type"] for m in heard].count("update") == 10
+        await trio.sleep(SETTINGS.slow_viewer_timeout + 1)
+        assert stuck.aborted and r.hub.metrics.closes.labels("viewer", "4009")._value.get() == 1
+        assert len(r.hub.viewers) == 1
+
+
+async def test_conflated_viewer_still_ends_with_the_latest_state_of_every_table(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig() as r:
+        slow = await r.viewer(window=0)
+        pub = await r.publisher()
+        for n in range(1, 10):  # rate limit is 10 frames/s with a burst of 10
+            for key in ("EA1", "EA2", "EA3"):
+                await pub.say(publish_frame(key=key, value=n))
+            await trio.sleep(1)
+        latest: dict[str, int] = {}
+        with trio.move_on_after(1):
+            while True:
+                message = await slow.hear()
+                if message["type"] == "update":
+                    assert message["seq"] > latest.get(message["key"], 0)  # never backwards
+                    latest[message["key"]] = message["seq"]
+        assert latest == {"EA1": 9, "EA2": 9, "EA3": 9}
+
+
+async def test_quiet_viewer_is_pinged_and_silent_viewer_dropped_with_4008(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig() as r:
+        answering, silent = await r.viewer(), await r.viewer()
+        for transport in (answering, silent):
+            assert (await transport.hear())["type"] == "snapshot"
+        with trio.move_on_after(SETTINGS.viewer_timeout + 5):
+            while True:
+                assert (await answering.hear())["type"] == "ping"
+                await answering.say({"type": "pong"})
+        assert silent.closed_with == (4008, "heartbeat timeout")
+        assert [m["type"] for m in silent.heard_so_far()] == ["ping"] * 2  # at 10 s and 20 s
+        assert answering.closed_with is None
+
+
+async def test_silent_publisher_is_reported_offline_and_closed_with_4008(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig(attrs.evolve(SETTINGS, viewer_timeout=1000)) as r:  # the viewer outlives it
+        view = await r.viewer()
+        pub = await r.publisher()
+        await pub.say(publish_frame())
+        start = trio.current_time()
+        while (message := await view.hear())["type"] != "presence" or message["online"]:
+            pass
+        assert trio.current_time() - start == pytest.approx(SETTINGS.publisher_timeout)
+        assert pub.closed_with == (4008, "heartbeat timeout")
+
+
+async def test_publisher_heartbeat_keeps_it_online(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig() as r:
+        pub = await r.publisher()
+        await pub.say(publish_frame())
+        for _ in range(20):
+            await trio.sleep(SETTINGS.ping_interval - 1)  # before the hub would ping it
+            await pub.say({"type": "ping"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert pub.closed_with is None
+        assert [m["type"] for m in pub.heard_so_far()] == ["pong"] * 20
+        assert all(state.online for state in r.hub.tables.values())
+
+
+async def test_bad_frames_get_error_frames_and_the_connection_carries_on(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig() as r:
+        view = await r.viewer()
+        pub = await r.publisher(TokenGrant("t", ("EA1",), "ea1"))
+        for bad in ("{nope", "[1,2]", '{"key":"EA1"}', publish_frame(key="EA2"),
+                    '{"type":"dance"}', b"\x00binary", '{"sum": NaN}'):
+            await pub.say(bad)
+        await pub.say(publish_frame(key="EA1"))
+        await trio.testing.wait_all_tasks_blocked()
+        errors = pub.heard_so_far()
+        assert [e["code"] for e in errors] == [
+            "bad_json", "bad_json", "bad_schema", "forbidden_key", "unknown_type", "bad_json",
+            "bad_json",
+        ]
+        assert errors[2]["detail"].startswith("$.src: required field missing")
+        assert [m["type"] for m in view.heard_so_far()] == ["snapshot", "presence", "update"]
+        assert pub.closed_with is None
+
+
+async def test_rate_limit_drops_excess_then_closes_a_sustained_flood_with_1008(autojump_clock: trio.testing.MockClock) -> None:
+    async with rig() as r:
+        view = await r.viewer()
+        polite, flood = await r.publisher(), await r.publisher()
+        for tick in range(50):  # 5 s: the flood sends 100 frames/s, the polite one 5/s
+            if tick % 2 == 0:
+                await polite.say(publish_frame(key="POLITE", value=tick))
+            for _ in range(10):
+                await flood.say(publish_frame(key="FLOOD", value=tick))
+            await trio.sleep(0.1)
+        assert flood.closed_with == (1008, "rate limit exceeded")
+        notices = [m for m in flood.heard_so_far() if m["type"] == "error"]
+        assert {m["code"] for m in notices} == {"rate_limited"}
+        assert 2 <= len(notices) <= 4  # one a second, not one per dropped frame
+        polite_updates = [m for m in view.heard_so_far() if m.get("key") == "POLITE"]
+        assert [m["seq"] for m in polite_updates if m["type"] == "update"] == list(range(1, 26))
+        assert polite.closed_with is None
+
+
+async def test_cancelled_sessions_close_with_1001(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as outer:
+        hub = Hub()
+        transport = MemoryTransport(10)
+        outer.start_soon(ViewerSession(hub, transport, SETTINGS, "v").run)
+        await trio.testing.wait_all_tasks_blocked()
+        outer.cancel_scope.cancel()
+    assert transport.closed_with == (1001, "hub shutting down")
+    assert not hub.viewers
+
+
+async def test_shutdown_aborts_a_viewer_stuck_in_a_send(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = Hub()
+    stuck = MemoryTransport(0)  # never reads: its writer hangs in a send nothing can cancel
+    async with trio.open_nursery() as outer:
+        outer.start_soon(ViewerSession(hub, stuck, SETTINGS, "v").run)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        outer.cancel_scope.cancel()
+    assert stuck.aborted
+    assert trio.current_time() - start <= 2 * CLOSE_GRACE  # the grace, then the abort, then the close
+    assert not hub.viewers
