@@ -7,7 +7,7 @@ the client sees a clear status instead of a close code.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import attrs
@@ -21,12 +21,12 @@ class Refusal:
     detail: str
 
 
-def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-    """The token from `Authorization: Bearer …`, else from `?token=` (for clients without headers)."""
-    scheme, _, value = headers.get("Authorization", "").partition(" ")
+def bearer_token(authorization: str | None, query_token: str | None) -> str | None:
+    """The token from `Authorization: Bearer …`, else `?token=` (for clients without headers)."""
+    scheme, _, value = (authorization or "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return query.get("token") or None
+    return query_token or None
 
 
 def _find(token: str, candidates: Iterable[str]) -> int | None:

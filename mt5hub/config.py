@@ -66,7 +66,7 @@ _converter = cattrs.Converter(forbid_extra_keys=True)
 
 
 def _parse_tokens_env(value: str) -> list[dict[str, Any]]:
-    """`MT5HUB_TOKENS="tokA,tokB:EA1|EA2"`: comma-separated tokens, each optionally limited to keys."""
+    """`MT5HUB_TOKENS="tokA,tokB:EA1|EA2"`: comma-separated tokens, each maybe limited to keys."""
     grants: list[dict[str, Any]] = []
     for n, entry in enumerate(filter(None, (e.strip() for e in value.split(","))), 1):
         token, _, keys = entry.partition(":")

@@ -157,7 +157,7 @@ class Hub:
         self._backplane.publish(self, event, trio.current_time())
 
     def publisher_gone(self, publisher: object, client_id: str) -> None:
-        """The connection closed or went silent: tables it was the last live publisher of go offline."""
+        """The connection closed or went silent: tables it was the last publisher of go offline."""
         for state in self.tables.values():
             if publisher in state.publishers:
                 state.publishers.discard(publisher)
@@ -166,7 +166,7 @@ class Hub:
 
     def _presence(self, table: TableId, client_id: str, *, online: bool) -> None:
         key, src = table
-        event = {"type": "presence", "key": key, "src": src, "clientId": client_id}
+        event: dict[str, Any] = {"type": "presence", "key": key, "src": src, "clientId": client_id}
         event.update(online=online, ts=self.now_ms())
         self._backplane.publish(self, event, None)
 

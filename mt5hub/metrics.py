@@ -11,7 +11,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-disable_created_metrics()  # the `_created` series only add noise for a long-running hub
+disable_created_metrics()  # type: ignore[no-untyped-call] # the `_created` series only add noise for a long-running hub
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

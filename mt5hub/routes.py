@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quart import Response, jsonify, send_from_directory, websocket
+from quart import Response, Websocket, jsonify, send_from_directory, websocket
 from quart_trio import QuartTrio
 
 from .auth import Authenticator, Refusal, bearer_token
@@ -52,11 +52,20 @@ def _refuse(refusal: Refusal, reason: str, hub: Hub) -> Response:
     )
 
 
+def _token() -> str | None:
+    return bearer_token(websocket.headers.get("Authorization"), websocket.args.get("token"))
+
+
+def _current_websocket() -> Websocket:
+    """The websocket behind Quart's context-local proxy, to hand to a session."""
+    return websocket._get_current_object()  # type: ignore[attr-defined,no-any-return]
+
+
 def create_app(config: HubConfig | None = None) -> QuartTrio:
     config = config or load_config()
     settings = config.settings
     app = QuartTrio(__name__, static_folder=str(TEMPLATES / "static"), static_url_path="/static")
-    app.asgi_app = TrackConnections(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = TrackConnections(app.asgi_app)  # type: ignore[method-assign,assignment]
     hub = Hub(viewer_buffer=settings.viewer_buffer)
     auth = Authenticator(settings.tokens, settings.viewer_tokens, settings.allowed_origins)
     decoder = Decoder(settings.max_rows)
@@ -93,12 +102,12 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     @app.websocket("/ws/dll")
     async def publisher() -> Response | None:
-        grant = auth.publisher(bearer_token(websocket.headers, websocket.args))
+        grant = auth.publisher(_token())
         if isinstance(grant, Refusal):
             return _refuse(grant, "unauthorized", hub)
         await websocket.accept()
         peer = f"{websocket.remote_addr} ({grant.name or 'token'})"
-        transport = QuartTransport(websocket._get_current_object())
+        transport = QuartTransport(_current_websocket())
         await PublisherSession(
             hub, transport, settings, peer, grant, decoder, config.max_frame_bytes
         ).run()
@@ -107,14 +116,14 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     @app.websocket("/ws")
     async def viewer() -> Response | None:
         refusal = auth.viewer(
-            bearer_token(websocket.headers, websocket.args),
+            _token(),
             websocket.headers.get("Origin"),
             websocket.headers.get("Host"),
         )
         if refusal is not None:
             return _refuse(refusal, "forbidden" if refusal.status == 403 else "unauthorized", hub)
         await websocket.accept()
-        transport = QuartTransport(websocket._get_current_object())
+        transport = QuartTransport(_current_websocket())
         await ViewerSession(hub, transport, settings, str(websocket.remote_addr)).run()
         return None
 

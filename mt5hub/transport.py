@@ -37,7 +37,9 @@ class Link:
         if stream is None:
             log.error("cannot abort a stuck connection: Hypercorn's internals changed")
             return False
-        sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
+        sock = (
+            stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
+        )
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
@@ -85,7 +87,7 @@ class QuartTransport:
 
     def __init__(self, websocket: Websocket) -> None:
         self._ws = websocket
-        self._link: Link = websocket.scope[LINK]
+        self._link: Link = websocket.scope[LINK]  # type: ignore[literal-required]
 
     @property
     def peer_closed(self) -> bool:

@@ -33,7 +33,7 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def require_tool(path: str, why: str) -> str:
-    """Find a system tool; a missing one skips locally but fails in CI, where it must be installed."""
+    """Find a system tool; a missing one skips locally but fails in CI (which must install it)."""
     found = shutil.which(path) or (path if os.path.exists(path) else None)
     if found is None:
         message = f"{path} is missing ({why}); .ci/run installs it"
@@ -153,7 +153,11 @@ class RunningHub:
 
 
 def write_hub_files(
-    folder: Path, ca: trustme.CA, http_port: int, https_port: int, settings: dict[str, Any],
+    folder: Path,
+    ca: trustme.CA,
+    http_port: int,
+    https_port: int,
+    settings: dict[str, Any],
     bind_host: str = "127.0.0.1",
 ) -> None:
     cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -162,8 +166,10 @@ def write_hub_files(
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
     tokens = settings.pop(
         "tokens",
-        [{"token": TOKEN, "keys": ["*"], "name": "test"},
-         {"token": EA1_ONLY_TOKEN, "keys": ["EA1"], "name": "ea1-only"}],
+        [
+            {"token": TOKEN, "keys": ["*"], "name": "test"},
+            {"token": EA1_ONLY_TOKEN, "keys": ["EA1"], "name": "ea1-only"},
+        ],
     )
     lines = [
         'worker_class = "trio"',

@@ -9,9 +9,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
-
 from conftest import TOKEN
+from trio_websocket import WebSocketConnection, open_websocket_url
 
 PAIRS = ("EURUSD", "GBPUSD", "USDJPY", "AUDUSD")
 TFS = ("M1", "M5", "M15", "M30", "H1", "H4", "D1", "W1", "MN1")
@@ -30,8 +29,12 @@ def table_rows(pairs: Sequence[str] = PAIRS, value: float = 1.0) -> list[dict[st
 
 
 def publish_frame(
-    key: str = "EA1", src: str = "EURUSD_PERIOD_H1", client_id: str = "EA1_1", value: float = 1.0,
-    pairs: Sequence[str] = PAIRS, **extra: Any,
+    key: str = "EA1",
+    src: str = "EURUSD_PERIOD_H1",
+    client_id: str = "EA1_1",
+    value: float = 1.0,
+    pairs: Sequence[str] = PAIRS,
+    **extra: Any,
 ) -> str:
     message = {"key": key, "src": src, "clientId": client_id, "data": table_rows(pairs, value)}
     return json.dumps({**message, **extra})
@@ -50,7 +53,9 @@ async def publisher(
 
 @asynccontextmanager
 async def viewer(
-    url: str, ssl_context: ssl.SSLContext | None = None, headers: list[tuple[str, str]] | None = None,
+    url: str,
+    ssl_context: ssl.SSLContext | None = None,
+    headers: list[tuple[str, str]] | None = None,
     path: str = "/ws",
 ) -> AsyncIterator[WebSocketConnection]:
     async with open_websocket_url(

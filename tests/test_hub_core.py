@@ -16,8 +16,9 @@ import attrs
 import pytest
 import trio
 import trio.testing
-
 from helpers import publish_frame
+from trio.testing import MockClock
+
 from mt5hub.config import Settings, TokenGrant
 from mt5hub.hub import Frame, Hub, Mailbox
 from mt5hub.metrics import Metrics
@@ -78,8 +79,14 @@ class MemoryTransport:
 
 
 SETTINGS = Settings(
-    ping_interval=10, publisher_timeout=30, viewer_timeout=30, slow_viewer_timeout=10,
-    viewer_buffer=4, rate_limit=10, rate_burst=10, flood_seconds=3,
+    ping_interval=10,
+    publisher_timeout=30,
+    viewer_timeout=30,
+    slow_viewer_timeout=10,
+    viewer_buffer=4,
+    rate_limit=10,
+    rate_burst=10,
+    flood_seconds=3,
 )
 GRANT = TokenGrant("t", ("*",), "test")
 
@@ -111,8 +118,9 @@ class Rig:
 @asynccontextmanager
 async def rig(settings: Settings = SETTINGS) -> AsyncIterator[Rig]:
     async with trio.open_nursery() as nursery:
-        yield Rig(Hub(viewer_buffer=settings.viewer_buffer, wall_clock=lambda: 1000.0), nursery,
-                  settings)
+        yield Rig(
+            Hub(viewer_buffer=settings.viewer_buffer, wall_clock=lambda: 1000.0), nursery, settings
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -120,7 +128,9 @@ def frame(table: str, n: int) -> Frame:
     return Frame(f'{{"table":"{table}","n":{n}}}', ("update", table, ""))
 
 
-async def test_mailbox_keeps_order_until_full_then_conflates_to_latest_per_table(autojump_clock: trio.testing.MockClock) -> None:
+async def test_mailbox_keeps_order_until_full_then_conflates_to_latest_per_table(
+    autojump_clock: MockClock,
+) -> None:
     metrics = Metrics()
     box = Mailbox(2, metrics, "viewer")
     for n in range(1, 6):
@@ -128,12 +138,18 @@ async def test_mailbox_keeps_order_until_full_then_conflates_to_latest_per_table
         box.put(frame("B", n))
     assert len(box) == 2 + 2  # the buffer, plus one waiting frame per table
     got = [json.loads((await box.get()).text) for _ in range(4)]
-    assert got == [{"table": "A", "n": 1}, {"table": "B", "n": 1},
-                   {"table": "A", "n": 5}, {"table": "B", "n": 5}]
+    assert got == [
+        {"table": "A", "n": 1},
+        {"table": "B", "n": 1},
+        {"table": "A", "n": 5},
+        {"table": "B", "n": 5},
+    ]
     assert metrics.conflated._value.get() == 6  # A2..A4 and B2..B4 never delivered
 
 
-async def test_mailbox_never_lets_an_older_frame_overtake_a_newer_one(autojump_clock: trio.testing.MockClock) -> None:
+async def test_mailbox_never_lets_an_older_frame_overtake_a_newer_one(
+    autojump_clock: MockClock,
+) -> None:
     box = Mailbox(1, Metrics(), "viewer")
     box.put(frame("A", 1))
     box.put(frame("A", 2))  # buffer full: waits in overflow
@@ -143,7 +159,7 @@ async def test_mailbox_never_lets_an_older_frame_overtake_a_newer_one(autojump_c
     assert len(box) == 0
 
 
-async def test_viewer_gets_snapshot_then_updates_then_presence(autojump_clock: trio.testing.MockClock) -> None:
+async def test_viewer_gets_snapshot_then_updates_then_presence(autojump_clock: MockClock) -> None:
     async with rig() as r:
         pub = await r.publisher()
         await pub.say(publish_frame(key="EA1", src="S1", value=1))
@@ -158,11 +174,19 @@ async def test_viewer_gets_snapshot_then_updates_then_presence(autojump_clock: t
         assert update["type"] == "update" and update["seq"] == 2 and update["note"] == "kept"
         assert update["data"][0]["TF_data"][0] == {"M1": 2.0, "cell_color": "clrGreen"}
         pub.hang_up()
-        assert await view.hear() == {"type": "presence", "key": "EA1", "src": "S1",
-                                     "clientId": "EA1_1", "online": False, "ts": 1000000}
+        assert await view.hear() == {
+            "type": "presence",
+            "key": "EA1",
+            "src": "S1",
+            "clientId": "EA1_1",
+            "online": False,
+            "ts": 1000000,
+        }
 
 
-async def test_table_stays_online_until_its_last_publisher_leaves(autojump_clock: trio.testing.MockClock) -> None:
+async def test_table_stays_online_until_its_last_publisher_leaves(
+    autojump_clock: MockClock,
+) -> None:
     async with rig() as r:
         view = await r.viewer()
         assert (await view.hear())["type"] == "snapshot"
@@ -179,7 +203,9 @@ async def test_table_stays_online_until_its_last_publisher_leaves(autojump_clock
         assert (await view.hear())["online"] is False
 
 
-async def test_slow_viewer_never_delays_others_and_is_dropped_when_stuck(autojump_clock: trio.testing.MockClock) -> None:
+async def test_slow_viewer_never_delays_others_and_is_dropped_when_stuck(
+    autojump_clock: MockClock,
+) -> None:
     async with rig() as r:
         stuck = await r.viewer(window=0)  # reads nothing, ever
         healthy = await r.viewer(window=1000)
@@ -197,7 +223,9 @@ async def test_slow_viewer_never_delays_others_and_is_dropped_when_stuck(autojum
         assert len(r.hub.viewers) == 1
 
 
-async def test_conflated_viewer_still_ends_with_the_latest_state_of_every_table(autojump_clock: trio.testing.MockClock) -> None:
+async def test_conflated_viewer_still_ends_with_the_latest_state_of_every_table(
+    autojump_clock: MockClock,
+) -> None:
     async with rig() as r:
         slow = await r.viewer(window=0)
         pub = await r.publisher()
@@ -215,7 +243,9 @@ async def test_conflated_viewer_still_ends_with_the_latest_state_of_every_table(
         assert latest == {"EA1": 9, "EA2": 9, "EA3": 9}
 
 
-async def test_quiet_viewer_is_pinged_and_silent_viewer_dropped_with_4008(autojump_clock: trio.testing.MockClock) -> None:
+async def test_quiet_viewer_is_pinged_and_silent_viewer_dropped_with_4008(
+    autojump_clock: MockClock,
+) -> None:
     async with rig() as r:
         answering, silent = await r.viewer(), await r.viewer()
         for transport in (answering, silent):
@@ -229,7 +259,9 @@ async def test_quiet_viewer_is_pinged_and_silent_viewer_dropped_with_4008(autoju
         assert answering.closed_with is None
 
 
-async def test_silent_publisher_is_reported_offline_and_closed_with_4008(autojump_clock: trio.testing.MockClock) -> None:
+async def test_silent_publisher_is_reported_offline_and_closed_with_4008(
+    autojump_clock: MockClock,
+) -> None:
     async with rig(attrs.evolve(SETTINGS, viewer_timeout=1000)) as r:  # the viewer outlives it
         view = await r.viewer()
         pub = await r.publisher()
@@ -241,7 +273,7 @@ async def test_silent_publisher_is_reported_offline_and_closed_with_4008(autojum
         assert pub.closed_with == (4008, "heartbeat timeout")
 
 
-async def test_publisher_heartbeat_keeps_it_online(autojump_clock: trio.testing.MockClock) -> None:
+async def test_publisher_heartbeat_keeps_it_online(autojump_clock: MockClock) -> None:
     async with rig() as r:
         pub = await r.publisher()
         await pub.say(publish_frame())
@@ -254,18 +286,32 @@ async def test_publisher_heartbeat_keeps_it_online(autojump_clock: trio.testing.
         assert all(state.online for state in r.hub.tables.values())
 
 
-async def test_bad_frames_get_error_frames_and_the_connection_carries_on(autojump_clock: trio.testing.MockClock) -> None:
+async def test_bad_frames_get_error_frames_and_the_connection_carries_on(
+    autojump_clock: MockClock,
+) -> None:
     async with rig() as r:
         view = await r.viewer()
         pub = await r.publisher(TokenGrant("t", ("EA1",), "ea1"))
-        for bad in ("{nope", "[1,2]", '{"key":"EA1"}', publish_frame(key="EA2"),
-                    '{"type":"dance"}', b"\x00binary", '{"sum": NaN}'):
+        for bad in (
+            "{nope",
+            "[1,2]",
+            '{"key":"EA1"}',
+            publish_frame(key="EA2"),
+            '{"type":"dance"}',
+            b"\x00binary",
+            '{"sum": NaN}',
+        ):
             await pub.say(bad)
         await pub.say(publish_frame(key="EA1"))
         await trio.testing.wait_all_tasks_blocked()
         errors = pub.heard_so_far()
         assert [e["code"] for e in errors] == [
-            "bad_json", "bad_json", "bad_schema", "forbidden_key", "unknown_type", "bad_json",
+            "bad_json",
+            "bad_json",
+            "bad_schema",
+            "forbidden_key",
+            "unknown_type",
+            "bad_json",
             "bad_json",
         ]
         assert errors[2]["detail"].startswith("$.src: required field missing")
@@ -273,7 +319,9 @@ async def test_bad_frames_get_error_frames_and_the_connection_carries_on(autojum
         assert pub.closed_with is None
 
 
-async def test_rate_limit_drops_excess_then_closes_a_sustained_flood_with_1008(autojump_clock: trio.testing.MockClock) -> None:
+async def test_rate_limit_drops_excess_then_closes_a_sustained_flood_with_1008(
+    autojump_clock: MockClock,
+) -> None:
     async with rig() as r:
         view = await r.viewer()
         polite, flood = await r.publisher(), await r.publisher()
@@ -292,7 +340,7 @@ async def test_rate_limit_drops_excess_then_closes_a_sustained_flood_with_1008(a
         assert polite.closed_with is None
 
 
-async def test_cancelled_sessions_close_with_1001(autojump_clock: trio.testing.MockClock) -> None:
+async def test_cancelled_sessions_close_with_1001(autojump_clock: MockClock) -> None:
     async with trio.open_nursery() as outer:
         hub = Hub()
         transport = MemoryTransport(10)
@@ -304,7 +352,7 @@ async def test_cancelled_sessions_close_with_1001(autojump_clock: trio.testing.M
 
 
 async def test_shutdown_aborts_a_viewer_stuck_in_a_send(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: MockClock,
 ) -> None:
     hub = Hub()
     stuck = MemoryTransport(0)  # never reads: its writer hangs in a send nothing can cancel
@@ -314,5 +362,5 @@ async def test_shutdown_aborts_a_viewer_stuck_in_a_send(
         start = trio.current_time()
         outer.cancel_scope.cancel()
     assert stuck.aborted
-    assert trio.current_time() - start <= 2 * CLOSE_GRACE  # the grace, then the abort, then the close
+    assert trio.current_time() - start <= 2 * CLOSE_GRACE  # the grace, the abort, the close
     assert not hub.viewers

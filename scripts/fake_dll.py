@@ -1,0 +1,453 @@
+#!/usr/bin/env python3
+"""Fake MT5 DLLs for mt5hub: a demo feed, and the load tester.
+
+    python scripts/fake_dll.py demo                       # a few EAs publishing until Ctrl-C
+    python scripts/fake_dll.py load -p 10 -r 10 -v 200    # measure: prints throughput and latency
+
+Publishers speak protocol v1 exactly like the DLL (Bearer token, the seed's JSON, pongs to the hub's
+pings). Each publish carries an extra field `sent` (wall clock, seconds) that the hub forwards; a
+viewer subtracts it from its own clock on arrival, so latency is end to end: publisher socket, hub,
+viewer socket. Viewers parse only the head and tail of each update (where `sent` and `seq` are), so
+that the load tester measures the hub rather than its own JSON parser; several viewer processes
+(`--procs`) spread the clients' cost. The load test is bounded in time and count and talks to
+loopback addresses only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import ipaddress
+import json
+import math
+import os
+import random
+import re
+import ssl
+import statistics
+import sys
+import time
+import urllib.request
+from array import array
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    connect_websocket_url,
+    open_websocket_url,
+)
+
+PAIRS = (
+    "EURUSD",
+    "GBPUSD",
+    "USDJPY",
+    "USDCHF",
+    "AUDUSD",
+    "USDCAD",
+    "NZDUSD",
+    "EURGBP",
+    "EURJPY",
+    "EURCHF",
+    "EURAUD",
+    "EURCAD",
+    "EURNZD",
+    "GBPJPY",
+    "GBPCHF",
+    "GBPAUD",
+    "GBPCAD",
+    "GBPNZD",
+    "AUDJPY",
+    "AUDCHF",
+    "AUDCAD",
+    "AUDNZD",
+    "NZDJPY",
+    "NZDCHF",
+    "NZDCAD",
+    "CADJPY",
+    "CADCHF",
+    "CHFJPY",
+)  # the 28 majors and crosses
+TFS = ("M1", "M5", "M15", "M30", "H1", "H4", "D1", "W1", "MN1")
+MAX_SECONDS = 600
+CONNECT_TIME = 5.0  # viewers connect (and publishers wait) during this much, at most
+MAX_CLIENTS = 10_000
+SENT = re.compile(r'"sent":([0-9.eE+-]+)')
+SEQ = re.compile(r'"seq":([0-9]+)')
+KEY_SRC = re.compile(r'"key":"([^"]*)","src":"([^"]*)"')
+
+
+def colour(value: float) -> str:
+    """The colour an EA would give a signal strength in -100..100."""
+    if value >= 60:
+        return "clrLimeGreen"
+    if value >= 20:
+        return "clrGreen"
+    if value <= -60:
+        return "clrRed"
+    if value <= -20:
+        return "clrOrangeRed"
+    return "clrGray"
+
+
+class SignalTable:
+    """A random walk per pair and timeframe that looks like an EA's signal table."""
+
+    def __init__(self, rng: random.Random, pairs: Sequence[str] = PAIRS) -> None:
+        self.rng = rng
+        self.values = {(p, tf): rng.uniform(-80, 80) for p in pairs for tf in TFS}
+        self.pairs = pairs
+
+    def step(self) -> list[dict[str, Any]]:
+        rows = []
+        for pair in self.pairs:
+            cells = []
+            for tf in TFS:
+                v = self.values[pair, tf] + self.rng.gauss(0, 4)
+                v = self.values[pair, tf] = max(-100.0, min(100.0, v))
+                cells.append({tf: round(v, 1), "cell_color": colour(v)})
+            total = round(sum(self.values[pair, tf] for tf in TFS) / len(TFS), 1)
+            rows.append(
+                {"pair": pair, "TF_data": cells, "sum": total, "sum_cell_color": colour(total)}
+            )
+        return rows
+
+
+def client_ssl(url: str, ca: str | None, insecure: bool) -> ssl.SSLContext | None:
+    if not url.startswith("wss:"):
+        return None
+    context = ssl.create_default_context(cafile=ca)
+    if insecure:  # the self-signed development certificate
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def http_base(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
+
+
+# -- publishers ---------------------------------------------------------------------------------
+
+
+async def publisher(
+    args: argparse.Namespace, n: int, stop_at: float, counts: dict[str, int], rng: random.Random
+) -> None:
+    """One EA: connect, publish `rate` tables a second until stop_at, reconnect when dropped."""
+    key, src = f"EA{n + 1}", f"{PAIRS[n % len(PAIRS)]}_PERIOD_H1"
+    table = SignalTable(rng, PAIRS[: args.pairs])
+    headers = [("Authorization", f"Bearer {args.token}")]
+    context = client_ssl(args.url, args.ca, args.insecure)
+    period = 1.0 / args.rate
+    while trio.current_time() < stop_at:
+        try:
+            async with (
+                open_websocket_url(
+                    args.url + "/ws/dll", extra_headers=headers, ssl_context=context
+                ) as ws,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(_answer_hub, ws, counts)
+                next_at = trio.current_time() + rng.uniform(0, period)  # spread publishers out
+                while next_at < stop_at:
+                    await trio.sleep_until(next_at)
+                    message = {
+                        "key": key,
+                        "src": src,
+                        "clientId": f"{key}_{os.getpid()}",
+                        "sent": time.time(),
+                        "data": table.step(),
+                    }
+                    await ws.send_message(json.dumps(message, separators=(",", ":")))
+                    counts["published"] += 1
+                    next_at = max(next_at + period, trio.current_time() - period)
+                nursery.cancel_scope.cancel()
+                return
+        except (OSError, HandshakeError, ConnectionClosed) as exc:
+            counts["reconnects"] += 1
+            if args.verbose or args.command == "demo":
+                print(f"{key}: {type(exc).__name__}: {exc}; retrying in 1 s", file=sys.stderr)
+            await trio.sleep(1.0)
+
+
+async def _answer_hub(ws: Any, counts: dict[str, int]) -> None:
+    """Read what the hub says to a publisher: answer pings, count (and show) errors."""
+    while True:
+        message = json.loads(await ws.get_message())
+        if message.get("type") == "ping":
+            await ws.send_message('{"type":"pong"}')
+        elif message.get("type") == "error":
+            counts["errors"] += 1
+            if counts["errors"] <= 5:
+                print(f"hub error: {message}", file=sys.stderr)
+
+
+# -- viewers ------------------------------------------------------------------------------------
+
+
+class ViewerStats:
+    def __init__(self) -> None:
+        self.latencies = array("d")  # seconds, updates received after the warm-up
+        self.updates = 0
+        self.gaps = 0  # updates a viewer never saw (seq jumped): conflated for it by the hub
+        self.closed = 0
+        self.frames = 0
+
+    def merge(self, other: ViewerStats) -> None:
+        self.latencies.extend(other.latencies)
+        self.updates += other.updates
+        self.gaps += other.gaps
+        self.closed += other.closed
+        self.frames += other.frames
+
+
+async def viewer(
+    url: str,
+    context: ssl.SSLContext | None,
+    connecting: trio.Semaphore,
+    window: tuple[float, float],
+    stats: ViewerStats,
+    stalled: bool,
+) -> None:
+    """A dashboard: reads every frame (or, stalled, connects and never reads).
+
+    Updates arriving within `window` (wall clock) are measured; it leaves a second after.
+    """
+    measure_from, measure_until = window
+    stop_at = trio.current_time() + (measure_until + 1 - time.time())
+    seqs: dict[tuple[str, str], int] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            async with connecting:  # a few handshakes at a time: the listen backlog is short
+                ws = await connect_websocket_url(nursery, url + "/ws", ssl_context=context)
+            if stalled:
+                await trio.sleep_until(stop_at)
+                return
+            with trio.move_on_at(stop_at):
+                while True:
+                    text = await ws.get_message()
+                    stats.frames += 1
+                    head = text[:200]
+                    if head.startswith('{"type":"update"'):
+                        arrived = time.time()
+                        table = KEY_SRC.search(head)
+                        seq = SEQ.search(text, len(text) - 40)
+                        sent = SENT.search(text)
+                        if table is None or seq is None:
+                            continue
+                        number, key = int(seq.group(1)), table.groups()
+                        last = seqs.get(key)
+                        seqs[key] = number
+                        if not measure_from <= arrived < measure_until:
+                            continue
+                        stats.updates += 1
+                        if last is not None and number > last + 1:
+                            stats.gaps += number - last - 1
+                        if sent is not None:
+                            stats.latencies.append(arrived - float(sent.group(1)))
+                    elif head.startswith('{"type":"snapshot"'):
+                        for entry in json.loads(text)["tables"]:
+                            seqs[entry["key"], entry["src"]] = entry["seq"]
+                    elif head.startswith('{"type":"ping"'):
+                        await ws.send_message('{"type":"pong"}')
+            with trio.move_on_after(2):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+    except ConnectionClosed:
+        stats.closed += 1
+
+
+async def viewer_group(
+    url: str, ca: str | None, insecure: bool, count: int, stalled: int, window: tuple[float, float]
+) -> ViewerStats:
+    """`count` viewers in this process, of which `stalled` never read."""
+    stats = ViewerStats()
+    context = client_ssl(url, ca, insecure)
+    connecting = trio.Semaphore(32)
+    async with trio.open_nursery() as nursery:
+        for n in range(count):
+            nursery.start_soon(viewer, url, context, connecting, window, stats, n < stalled)
+    return stats
+
+
+def run_viewer_group(*args: Any) -> ViewerStats:
+    return trio.run(viewer_group, *args)
+
+
+# -- the commands -------------------------------------------------------------------------------
+
+
+def scrape(base: str, context: ssl.SSLContext | None) -> tuple[dict[str, Any], dict[str, float]]:
+    """/healthz and the hub's own counters from /metrics."""
+    with urllib.request.urlopen(base + "/healthz", timeout=5, context=context) as r:
+        health = json.loads(r.read())
+    counters: dict[str, float] = {}
+    with urllib.request.urlopen(base + "/metrics", timeout=5, context=context) as r:
+        for line in r.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                counters[name.split("{")[0]] = counters.get(name.split("{")[0], 0) + float(value)
+    return health, counters
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def check_loopback(url: str) -> None:
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"the load tester only targets loopback addresses, not {host!r}")
+
+
+def load(args: argparse.Namespace) -> dict[str, Any]:
+    check_loopback(args.url)
+    if args.seconds + args.warmup > MAX_SECONDS or args.viewers + args.publishers > MAX_CLIENTS:
+        raise SystemExit(f"bounded: at most {MAX_SECONDS} s and {MAX_CLIENTS} clients")
+    base, context = http_base(args.url), client_ssl(args.url, args.ca, args.insecure)
+    health_before, counters_before = scrape(base, context)
+    procs = max(1, min(args.procs, args.viewers or 1))
+    shares = [args.viewers // procs + (i < args.viewers % procs) for i in range(procs)]
+    stalled = [args.stalled // procs + (i < args.stalled % procs) for i in range(procs)]
+    start = time.time() + CONNECT_TIME  # publishers start then, all viewers connected by then
+    window = (start + args.warmup, start + args.warmup + args.seconds)
+    with concurrent.futures.ProcessPoolExecutor(procs) as pool:
+        futures = [
+            pool.submit(run_viewer_group, args.url, args.ca, args.insecure, share, stall, window)
+            for share, stall in zip(shares, stalled, strict=True)
+        ]
+        time.sleep(max(0.0, start - time.time()))
+        connected = scrape(base, context)[0]["viewers"] - health_before["viewers"]
+        if connected < args.viewers:
+            print(f"warning: only {connected} of {args.viewers} viewers connected", file=sys.stderr)
+        counts = trio.run(publish_for, args, args.warmup + args.seconds)
+        stats = ViewerStats()
+        for future in futures:
+            stats.merge(future.result())
+    health_after, counters_after = scrape(base, context)
+    lat = sorted(stats.latencies)
+    delta = {k: counters_after.get(k, 0) - counters_before.get(k, 0) for k in counters_after}
+    healthy = args.viewers - args.stalled
+    return {
+        "publishers": args.publishers,
+        "rate": args.rate,
+        "viewers": args.viewers,
+        "stalled": args.stalled,
+        "seconds": args.seconds,
+        "published_per_s": round(counts["published"] / (args.warmup + args.seconds), 1),
+        "expected_deliveries_per_s": args.publishers * args.rate * healthy,
+        "deliveries_per_s": round(stats.updates / args.seconds, 1),
+        "latency_ms": {
+            name: round(1000 * percentile(lat, q), 1)
+            for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
+        },
+        "mean_latency_ms": round(1000 * statistics.fmean(lat), 1) if lat else None,
+        "seq_gaps": stats.gaps,
+        "viewers_closed": stats.closed,
+        "hub_conflated": delta.get("mt5hub_conflated_total", 0),
+        "hub_dropped": delta.get("mt5hub_dropped_total", 0),
+        "hub_rss_mb": {
+            "before": round(health_before["rss_bytes"] / 2**20, 1),
+            "after": round(health_after["rss_bytes"] / 2**20, 1),
+        },
+        "publisher_errors": counts["errors"],
+        "publisher_reconnects": counts["reconnects"],
+    }
+
+
+async def publish_for(args: argparse.Namespace, seconds: float) -> dict[str, int]:
+    counts = {"published": 0, "errors": 0, "reconnects": 0}
+    stop_at = trio.current_time() + seconds
+    rng = random.Random(args.seed)
+    async with trio.open_nursery() as nursery:
+        for n in range(args.publishers):
+            nursery.start_soon(publisher, args, n, stop_at, counts, random.Random(rng.random()))
+    return counts
+
+
+def print_report(r: dict[str, Any]) -> None:
+    lat = r["latency_ms"]
+    print(
+        f"{r['publishers']} publishers x {r['rate']:g}/s -> {r['viewers']} viewers "
+        f"({r['stalled']} stalled), {r['seconds']:g} s measured\n"
+        f"  published       {r['published_per_s']:>10}/s\n"
+        f"  delivered       {r['deliveries_per_s']:>10}/s  (all, unconflated: "
+        f"{r['expected_deliveries_per_s']}/s)\n"
+        f"  latency ms      p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}"
+        f"  max {lat['max']}\n"
+        f"  conflated       {r['seq_gaps']} seen as seq gaps; hub counted {r['hub_conflated']:g} "
+        f"conflated, {r['hub_dropped']:g} dropped; {r['viewers_closed']} viewers closed\n"
+        f"  hub RSS MB      {r['hub_rss_mb']['before']} -> {r['hub_rss_mb']['after']}\n"
+        f"  publishers      {r['publisher_errors']} error frames, "
+        f"{r['publisher_reconnects']} reconnects"
+    )
+
+
+def wait_for_hub(args: argparse.Namespace, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    base, context = http_base(args.url), client_ssl(args.url, args.ca, args.insecure)
+    while True:
+        try:
+            scrape(base, context)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no hub answered at {base} within {timeout:g} s") from None
+            time.sleep(0.2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("demo", "load"))
+    parser.add_argument(
+        "--url", default="ws://127.0.0.1:8000", help="hub base URL (ws:// or wss://)"
+    )
+    parser.add_argument("--token", default=os.environ.get("MT5HUB_TOKEN", "supersecret123"))
+    parser.add_argument("--ca", help="CA file for wss://")
+    parser.add_argument("--insecure", action="store_true", help="accept a self-signed certificate")
+    parser.add_argument("-p", "--publishers", type=int, default=None)
+    parser.add_argument("-r", "--rate", type=float, default=None, help="publishes/s per publisher")
+    parser.add_argument("-v", "--viewers", type=int, default=10)
+    parser.add_argument("--stalled", type=int, default=0, help="viewers that never read")
+    parser.add_argument("--pairs", type=int, default=len(PAIRS), help="rows per table (<= 28)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--procs", type=int, default=1, help="processes for the viewers")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--wait", action="store_true", help="demo: wait for the hub to answer first"
+    )
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        args.publishers = args.publishers or 4
+        args.rate = args.rate or 2.0
+        if args.wait:
+            wait_for_hub(args)
+        print(f"demo feed: {args.publishers} EAs at {args.rate:g}/s to {args.url} (Ctrl-C stops)")
+        try:
+            trio.run(publish_for, args, math.inf)
+        except KeyboardInterrupt:
+            pass
+        return
+    args.publishers = 1 if args.publishers is None else args.publishers
+    args.rate = args.rate or 10.0
+    result = load(args)
+    print(json.dumps(result) if args.json else "", end="\n" if args.json else "")
+    if not args.json:
+        print_report(result)
+
+
+if __name__ == "__main__":
+    main()
