@@ -154,16 +154,25 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# `"\ud800"` is valid JSON but no text: forwarded, it cannot be encoded as UTF-8 for viewers.
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def parse_json(text: str | bytes) -> Any:
     """json.loads without Python's extensions (NaN, Infinity) and with its failures named."""
     if isinstance(text, bytes):
         raise ProtocolError("bad_json", "binary frame: send JSON as a text frame")
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        obj = json.loads(text, parse_constant=_refuse_constant)
+        if _ESCAPED_SURROGATE.search(text):  # rare: check precisely only then
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise ProtocolError("bad_json", "nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ProtocolError("bad_json", "a string holds a lone UTF-16 surrogate") from None
     except ValueError as exc:  # JSONDecodeError, huge integers, NaN
         raise ProtocolError("bad_json", str(exc)) from None
+    return obj
 
 
 class Decoder:

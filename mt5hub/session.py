@@ -206,6 +206,9 @@ class Session:
         metrics = self.hub.metrics
         while True:
             frame = await self.outbox.get()
+            # A send may not be cancellable once started (Hypercorn shields it): never start one
+            # after the session was cancelled, or the watchdog may already have stopped watching.
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._sending_since, self._sent = trio.current_time(), trio.Event()
             try:
                 await self.transport.send(frame.text)
@@ -300,24 +303,25 @@ class PublisherSession(Session):
             self.hub.metrics.rejects.labels("rate_limited").inc()
             return
         obj = parse_json(frame)
+        assert isinstance(frame, str)  # parse_json refuses binary frames
         if not isinstance(obj, dict):
             raise ProtocolError("bad_json", "expected a JSON object")
         kind = obj.get("type", "publish")
         if kind == "publish":
-            self._publish(obj)
+            self._publish(obj, frame)
         elif kind == "ping":
             self.outbox.put(Frame(encode({"type": "pong", "ts": self.hub.now_ms()})))
         elif kind != "pong":
             raise ProtocolError("unknown_type", f"$.type: unknown message type {str(kind)[:40]!r}")
 
-    def _publish(self, obj: dict[str, Any]) -> None:
+    def _publish(self, obj: dict[str, Any], text: str) -> None:
         message = self.decoder.publish(obj)
         if not self.grant.allows(message.key):
             raise ProtocolError(
                 "forbidden_key", f"$.key: this token may not publish {message.key!r}"
             )
         self.client_id = message.client_id
-        self.hub.publish(self, message, obj)
+        self.hub.publish(self, message, obj, text)
 
 
 class ViewerSession(Session):

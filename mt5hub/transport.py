@@ -98,7 +98,9 @@ class QuartTransport:
         return await self._ws.receive()
 
     async def send(self, text: str) -> None:
-        await self._ws.send(text)
+        # Straight to Hypercorn's ASGI send: the socket is accepted already, and the hot path of a
+        # fan-out is worth not going through Quart's two wrapper layers (~6% of the hub's CPU).
+        await self._link.asgi_send({"type": "websocket.send", "text": text})
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)

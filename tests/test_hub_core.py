@@ -20,7 +20,7 @@ from helpers import publish_frame
 from trio.testing import MockClock
 
 from mt5hub.config import Settings, TokenGrant
-from mt5hub.hub import Frame, Hub, Mailbox
+from mt5hub.hub import Frame, Hub, Mailbox, update_text
 from mt5hub.metrics import Metrics
 from mt5hub.models import Decoder
 from mt5hub.session import CLOSE_GRACE, PublisherSession, ViewerSession
@@ -364,3 +364,26 @@ async def test_shutdown_aborts_a_viewer_stuck_in_a_send(
     assert stuck.aborted
     assert trio.current_time() - start <= 2 * CLOSE_GRACE  # the grace, the abort, the close
     assert not hub.viewers
+
+
+def test_update_text_splices_the_publish_and_drops_fields_the_hub_owns() -> None:
+    raw = '  {"key":"EA1","src":"S","clientId":"c","data":[],"note":"é"} '
+    spliced = json.loads(update_text(raw, json.loads(raw), 5))
+    assert spliced == {
+        "type": "update",
+        "key": "EA1",
+        "src": "S",
+        "clientId": "c",
+        "data": [],
+        "note": "é",
+        "ts": 5,
+    }
+    forged = '{"key":"EA1","src":"S","clientId":"c","data":[],"seq":99,"type":"publish","ts":1}'
+    assert json.loads(update_text(forged, json.loads(forged), 5)) == {
+        "type": "update",
+        "key": "EA1",
+        "src": "S",
+        "clientId": "c",
+        "data": [],
+        "ts": 5,
+    }
