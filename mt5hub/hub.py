@@ -31,7 +31,7 @@ def encode(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Frame:
     """One encoded message, shared by every mailbox it is put in.
 
@@ -43,6 +43,7 @@ class Frame:
     text: str
     slot: tuple[str, str, str] | None = None
     received: float | None = None  # trio clock at the publish's arrival, for the latency metric
+    wire: bytes | None = None  # the WebSocket frame, made once by the first transport that needs it
 
 
 class Mailbox:
@@ -75,14 +76,18 @@ class Mailbox:
             self._metrics.conflated.inc()
         self._overflow[frame.slot] = frame
 
-    async def get(self) -> Frame:
+    def get_nowait(self) -> Frame | None:
+        """The next frame if one is waiting, else None."""
         try:
             return self._receive.receive_nowait()
         except trio.WouldBlock:
             if self._overflow:
-                slot = next(iter(self._overflow))
-                return self._overflow.pop(slot)
-        return await self._receive.receive()
+                return self._overflow.pop(next(iter(self._overflow)))
+        return None
+
+    async def get(self) -> Frame:
+        frame = self.get_nowait()
+        return frame if frame is not None else await self._receive.receive()
 
     def __len__(self) -> int:
         return self._receive.statistics().current_buffer_used + len(self._overflow)

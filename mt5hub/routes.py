@@ -52,6 +52,16 @@ def _refuse(refusal: Refusal, reason: str, hub: Hub) -> Response:
     )
 
 
+def _setup_logging(level: str) -> None:
+    """The hub's own lines to stderr; Hypercorn's loggers keep their own handlers (no doubles)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s mt5hub: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level)
+
+
 def _token() -> str | None:
     return bearer_token(websocket.headers.get("Authorization"), websocket.args.get("token"))
 
@@ -74,9 +84,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     @app.before_serving
     async def startup() -> None:
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        _setup_logging(settings.log_level)
         check_safe_to_serve(config)  # raising here makes Hypercorn exit with the reason
         log.info("mt5hub serving, config %s, binds %s", config.source, ", ".join(config.binds))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import trio
@@ -31,6 +32,7 @@ from .models import Decoder, parse_json
 
 log = logging.getLogger("mt5hub")
 
+WRITE_BATCH_BYTES = 256 * 1024  # a writer sends what is pending, up to this much, in one go
 PUBLISHER_OUTBOX = 16  # error frames and pings; a publisher that never reads loses some of them
 CLOSE_GRACE = 1.0  # seconds to get a close frame out before giving up on a peer
 
@@ -45,7 +47,8 @@ class Transport(Protocol):
     async def receive(self) -> str | bytes | None:
         """The next frame, or None once the peer has closed."""
 
-    async def send(self, text: str) -> None: ...
+    async def send(self, frames: Sequence[Frame]) -> None:
+        """Write these frames in order; may block (uncancellably) while the peer reads nothing."""
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -205,20 +208,28 @@ class Session:
     async def _write(self) -> None:
         metrics = self.hub.metrics
         while True:
-            frame = await self.outbox.get()
+            # Everything pending goes out in one write: a viewer that fell behind catches up in
+            # fewer, larger sends instead of paying the per-send cost for every frame.
+            batch = [await self.outbox.get()]
+            size = len(batch[0].text)
+            while size < WRITE_BATCH_BYTES and (frame := self.outbox.get_nowait()) is not None:
+                batch.append(frame)
+                size += len(frame.text)
             # A send may not be cancellable once started (Hypercorn shields it): never start one
             # after the session was cancelled, or the watchdog may already have stopped watching.
             await trio.lowlevel.checkpoint_if_cancelled()
             self._sending_since, self._sent = trio.current_time(), trio.Event()
             try:
-                await self.transport.send(frame.text)
+                await self.transport.send(batch)
             finally:
                 self._sending_since = None
                 self._sent.set()
-            metrics.frames_out.labels(self.role).inc()
-            metrics.bytes_out.labels(self.role).inc(len(frame.text))
-            if frame.received is not None:
-                metrics.latency.observe(trio.current_time() - frame.received)
+            metrics.frames_out.labels(self.role).inc(len(batch))
+            metrics.bytes_out.labels(self.role).inc(size)
+            now = trio.current_time()
+            for frame in batch:
+                if frame.received is not None:
+                    metrics.latency.observe(now - frame.received)
 
     async def _watch(self) -> None:
         """Ping a quiet peer, drop a silent one, and drop one whose socket stopped taking data.

@@ -73,6 +73,7 @@ PAIRS = (
 )  # the 28 majors and crosses
 TFS = ("M1", "M5", "M15", "M30", "H1", "H4", "D1", "W1", "MN1")
 MAX_SECONDS = 600
+RECEIVE_BYTES = 256 * 1024  # trio-websocket reads 4 KiB at a time by default: 3 reads an update
 CONNECT_TIME = 5.0  # viewers connect (and publishers wait) during this much, at most
 MAX_CLIENTS = 10_000
 SENT = re.compile(r'"sent":([0-9.eE+-]+)')
@@ -223,7 +224,9 @@ async def viewer(
     try:
         async with trio.open_nursery() as nursery:
             async with connecting:  # a few handshakes at a time: the listen backlog is short
-                ws = await connect_websocket_url(nursery, url + "/ws", ssl_context=context)
+                ws = await connect_websocket_url(
+                    nursery, url + "/ws", ssl_context=context, receive_buffer_size=RECEIVE_BYTES
+                )
             if stalled:
                 await trio.sleep_until(stop_at)
                 return

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -44,12 +44,13 @@ class MemoryTransport:
             self.peer_closed = True
             return None
 
-    async def send(self, text: str) -> None:
+    async def send(self, frames: Sequence[Frame]) -> None:
         with trio.CancelScope(shield=True):
             try:
-                await self._to_peer.send(text)
+                for frame in frames:
+                    await self._to_peer.send(frame.text)
             except trio.ClosedResourceError:
-                pass  # aborted under us: the frame is lost, as on a reset socket
+                pass  # aborted under us: the frames are lost, as on a reset socket
 
     async def close(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)
