@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from .errors import ProtocolError
 from .metrics import Metrics
 from .models import Publish
 
@@ -98,7 +99,8 @@ class TableState:
     table: TableId
     seq: int = 0
     update: Frame | None = None
-    publishers: set[object] = attrs.Factory(set)  # live connections that published this table
+    # live connections that published this table, and the clientId each published it as
+    publishers: dict[object, str] = attrs.Factory(dict)
 
     @property
     def online(self) -> bool:
@@ -150,7 +152,10 @@ def update_text(raw_text: str | None, raw: dict[str, Any], ts: int) -> str:
     if body.startswith("{") and body.endswith("}") and RESERVED.isdisjoint(raw):
         return f'{{"type":"update",{body[1:-1]},"ts":{ts}}}'
     event = {"type": "update", **{k: v for k, v in raw.items() if k not in RESERVED}, "ts": ts}
-    return encode(event)
+    try:
+        return encode(event)
+    except (ValueError, RecursionError) as exc:  # 1e400 parses as inf; nesting deeper than dumps
+        raise ProtocolError("bad_json", f"cannot be forwarded: {exc}") from None
 
 
 class Hub:
@@ -181,21 +186,20 @@ class Hub:
         self, publisher: object, message: Publish, raw: dict[str, Any], raw_text: str | None = None
     ) -> None:
         """Accept a validated publish (`raw`, parsed from `raw_text`) from a live publisher."""
+        text = update_text(raw_text, raw, self.now_ms())  # may refuse it: before any state changes
         state = self._table(message.table)
-        if publisher not in state.publishers:
-            state.publishers.add(publisher)
-            if len(state.publishers) == 1:
-                self._presence(message.table, message.client_id, online=True)
-        text = update_text(raw_text, raw, self.now_ms())
+        first = not state.publishers
+        state.publishers[publisher] = message.client_id
+        if first:
+            self._presence(message.table, message.client_id, online=True)
         self._backplane.publish(self, Event("update", message.table, text, trio.current_time()))
 
-    def publisher_gone(self, publisher: object, client_id: str) -> None:
+    def publisher_gone(self, publisher: object) -> None:
         """The connection closed or went silent: tables it was the last publisher of go offline."""
         for state in self.tables.values():
-            if publisher in state.publishers:
-                state.publishers.discard(publisher)
-                if not state.publishers:
-                    self._presence(state.table, client_id, online=False)
+            client_id = state.publishers.pop(publisher, None)
+            if client_id is not None and not state.publishers:
+                self._presence(state.table, client_id, online=False)
 
     def _presence(self, table: TableId, client_id: str, *, online: bool) -> None:
         key, src = table

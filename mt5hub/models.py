@@ -19,7 +19,7 @@ from cattrs.gen import make_dict_structure_fn
 from .errors import ProtocolError
 
 TF_NAME = re.compile(r"[A-Za-z0-9_]{1,16}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 COLOR_FIELD = "cell_color"
 MAX_CELLS = 32
 

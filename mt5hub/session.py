@@ -293,7 +293,6 @@ class PublisherSession(Session):
         self.decoder = decoder
         self.max_frame_bytes = max_frame_bytes
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst, settings.flood_seconds)
-        self.client_id = "?"
 
     async def run(self) -> None:
         self.hub.publishers += 1
@@ -303,7 +302,7 @@ class PublisherSession(Session):
             self.hub.publishers -= 1
 
     def ended(self) -> None:
-        self.hub.publisher_gone(self, self.client_id)
+        self.hub.publisher_gone(self)
 
     def handle(self, frame: str | bytes) -> None:
         if len(frame) > self.max_frame_bytes:  # Hypercorn enforces it first; this is for tests
@@ -331,7 +330,6 @@ class PublisherSession(Session):
             raise ProtocolError(
                 "forbidden_key", f"$.key: this token may not publish {message.key!r}"
             )
-        self.client_id = message.client_id
         self.hub.publish(self, message, obj, text)
 
 

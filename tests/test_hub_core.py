@@ -204,6 +204,43 @@ async def test_table_stays_online_until_its_last_publisher_leaves(
         assert (await view.hear())["online"] is False
 
 
+async def test_offline_presence_names_the_client_that_published_each_table(
+    autojump_clock: MockClock,
+) -> None:
+    async with rig() as r:
+        view = await r.viewer()
+        first, second = await r.publisher(), await r.publisher()
+        await first.say(publish_frame(key="EA1", client_id="A"))
+        await first.say(publish_frame(key="EA2", client_id="A2"))
+        await second.say(publish_frame(key="EA3", client_id="B"))
+        await trio.testing.wait_all_tasks_blocked()
+        view.heard_so_far()
+        first.hang_up()
+        await trio.testing.wait_all_tasks_blocked()
+        offline = {
+            (m["key"], m["clientId"]) for m in view.heard_so_far() if m["type"] == "presence"
+        }
+        assert offline == {("EA1", "A"), ("EA2", "A2")}
+
+
+async def test_a_publish_that_cannot_be_forwarded_is_refused_and_changes_nothing(
+    autojump_clock: MockClock,
+) -> None:
+    async with rig() as r:
+        view = await r.viewer()
+        pub = await r.publisher()
+        # A field the hub owns forces re-encoding, and 1e400 (inf) cannot be encoded as JSON.
+        frame = publish_frame(type="publish", huge=1)[:-1] + ',"extra":1e400}'
+        await pub.say(frame)
+        await pub.say(publish_frame(type="publish"))
+        await trio.testing.wait_all_tasks_blocked()
+        [error] = pub.heard_so_far()
+        assert error["code"] == "bad_json" and "cannot be forwarded" in error["detail"]
+        updates = [m for m in view.heard_so_far() if m["type"] == "update"]
+        assert [m["seq"] for m in updates] == [1]
+        assert pub.closed_with is None
+
+
 async def test_slow_viewer_never_delays_others_and_is_dropped_when_stuck(
     autojump_clock: MockClock,
 ) -> None:

@@ -400,6 +400,7 @@ def test_100000_rows_are_refused_without_looking_at_a_single_row() -> None:
         ),
         (publish(data=[row(pair="")]), "$.data[0].pair: must be 1 to 64 characters"),
         (publish(clientId="EA\x07"), "$.clientId: must not hold control characters"),
+        (publish(key="EA\x85"), "$.key: must not hold control characters"),  # C1 (NEL)
         (publish(clientId=7), "$.clientId: expected a string, got number"),
         (publish(data={"rows": []}), "$.data: expected a list, got object"),
         (publish(data=[[]]), "$.data[0]: expected an object, got array"),
