@@ -207,6 +207,8 @@ class Session:
 
     async def _write(self) -> None:
         metrics = self.hub.metrics
+        frames_out = metrics.frames_out.labels(self.role)  # resolved once: this is the hot path
+        bytes_out = metrics.bytes_out.labels(self.role)
         while True:
             # Everything pending goes out in one write: a viewer that fell behind catches up in
             # fewer, larger sends instead of paying the per-send cost for every frame.
@@ -224,8 +226,8 @@ class Session:
             finally:
                 self._sending_since = None
                 self._sent.set()
-            metrics.frames_out.labels(self.role).inc(len(batch))
-            metrics.bytes_out.labels(self.role).inc(size)
+            frames_out.inc(len(batch))
+            bytes_out.inc(size)
             now = trio.current_time()
             for frame in batch:
                 if frame.received is not None:

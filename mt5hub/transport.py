@@ -21,6 +21,7 @@ proves both paths against real sockets.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -122,6 +123,24 @@ class TrackConnections:
         await self.app(scope, tracked_receive, send)
 
 
+async def _write_all(stream: trio.SocketStream | trio.SSLStream[Any], data: bytes) -> None:
+    """send_all, but a write the socket buffer takes whole costs one syscall and one checkpoint.
+
+    Most fan-out writes fit in the buffer; trio's SocketStream path (conflict detector, error
+    translation, socket wrapper) was a quarter of the hub's CPU at 20,000 deliveries/s.
+    """
+    sent = 0
+    if isinstance(stream, trio.SocketStream):
+        try:
+            sent = os.write(stream.socket.fileno(), data)  # the socket is non-blocking
+        except BlockingIOError:
+            pass
+    if sent < len(data):
+        await stream.send_all(memoryview(data)[sent:])
+    else:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+
 class QuartTransport:
     """session.Transport over Quart's websocket proxy."""
 
@@ -146,14 +165,20 @@ class QuartTransport:
                 await self._link.asgi_send({"type": "websocket.send", "text": frame.text})
             return
         data = b"".join(wire(frame) for frame in frames)
-        async with server.send_lock:
-            try:
-                # Shielded like Hypercorn's own writes: half a frame would corrupt the stream.
-                # A stuck send is ended by abort(), which closes the socket under it.
-                with trio.CancelScope(shield=True):
-                    await server.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
+        lock = server.send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            # Shielded like Hypercorn's own writes: half a frame would corrupt the stream.
+            # A stuck send is ended by abort(), which closes the socket under it.
+            with trio.CancelScope(shield=True):
+                await _write_all(server.stream, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
+        finally:
+            lock.release()
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)
