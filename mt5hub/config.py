@@ -51,6 +51,7 @@ class Settings:
     viewer_timeout: float = 30.0
     viewer_buffer: int = 64
     slow_viewer_timeout: float = 10.0
+    viewer_send_buffer: int = 256 * 1024  # bytes of kernel send buffer per viewer; 0: the OS's
     log_level: str = "INFO"
 
 

@@ -132,6 +132,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             return _refuse(refusal, "forbidden" if refusal.status == 403 else "unauthorized", hub)
         await websocket.accept()
         transport = QuartTransport(_current_websocket())
+        transport.limit_send_buffer(settings.viewer_send_buffer)
         await ViewerSession(hub, transport, settings, str(websocket.remote_addr)).run()
         return None
 

@@ -32,7 +32,7 @@ from .models import Decoder, parse_json
 
 log = logging.getLogger("mt5hub")
 
-WRITE_BATCH_BYTES = 256 * 1024  # a writer sends what is pending, up to this much, in one go
+WRITE_BATCH_BYTES = 64 * 1024  # a writer sends what is pending, up to this much, in one go
 PUBLISHER_OUTBOX = 16  # error frames and pings; a publisher that never reads loses some of them
 CLOSE_GRACE = 1.0  # seconds to get a close frame out before giving up on a peer
 

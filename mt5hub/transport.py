@@ -20,6 +20,7 @@ proves both paths against real sockets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -64,15 +65,32 @@ class Link:
             self._raw_ok = self._server is not None and hasattr(self._server, "send_lock")
         return self._server if self._raw_ok else None
 
-    def abort(self) -> bool:
-        """Close the TCP socket with a reset, waking a send stuck on it. False if not found."""
+    def _socket(self) -> trio.socket.SocketType | None:
         stream = _find_trio_stream(self.asgi_send)
         if stream is None:
-            log.error("cannot abort a stuck connection: Hypercorn's internals changed")
-            return False
-        sock = (
+            return None
+        return (
             stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
         )
+
+    def limit_send_buffer(self, size: int) -> None:
+        """Cap the kernel's send buffer, a FIFO the hub cannot conflate.
+
+        Left to autotuning it grows to megabytes, and a viewer that reads slowly then receives
+        seconds-old frames in order. Capped, backpressure reaches the mailbox early, where
+        newer updates replace older ones of the same table.
+        """
+        sock = self._socket()
+        if sock is not None and size > 0:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+    def abort(self) -> bool:
+        """Close the TCP socket with a reset, waking a send stuck on it. False if not found."""
+        sock = self._socket()
+        if sock is None:
+            log.error("cannot abort a stuck connection: Hypercorn's internals changed")
+            return False
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
@@ -185,3 +203,6 @@ class QuartTransport:
 
     def abort(self) -> None:
         self._link.abort()
+
+    def limit_send_buffer(self, size: int) -> None:
+        self._link.limit_send_buffer(size)

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import socket
 import ssl
 import statistics
 import sys
@@ -225,10 +226,13 @@ class ViewerSocket:
         self.parts: list[str] = []
 
     @classmethod
-    async def connect(cls, url: str, context: ssl.SSLContext | None) -> ViewerSocket:
+    async def connect(cls, url: str, context: ssl.SSLContext | None, rcvbuf: int) -> ViewerSocket:
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or (443 if context else 80)
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        tcp = await trio.open_tcp_stream(host, port)
+        if rcvbuf:  # like a browser that reads promptly: backlog stays at the hub, not in here
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        stream: trio.abc.Stream = tcp
         if context is not None:
             stream = trio.SSLStream(stream, context, server_hostname=host)
         self = cls(stream)
@@ -279,6 +283,7 @@ async def viewer(
     window: tuple[float, float],
     stats: ViewerStats,
     stalled: bool,
+    rcvbuf: int,
 ) -> None:
     """A dashboard: reads every frame (or, stalled, connects and never reads).
 
@@ -288,7 +293,7 @@ async def viewer(
     stop_at = trio.current_time() + (measure_until + 1 - time.time())
     seqs: dict[tuple[str, str], int] = {}
     async with connecting:  # a few handshakes at a time: the listen backlog is short
-        ws = await ViewerSocket.connect(url + "/ws", context)
+        ws = await ViewerSocket.connect(url + "/ws", context, rcvbuf)
     try:
         if stalled:
             await trio.sleep_until(stop_at)
@@ -327,7 +332,13 @@ async def viewer(
 
 
 async def viewer_group(
-    url: str, ca: str | None, insecure: bool, count: int, stalled: int, window: tuple[float, float]
+    url: str,
+    ca: str | None,
+    insecure: bool,
+    count: int,
+    stalled: int,
+    window: tuple[float, float],
+    rcvbuf: int,
 ) -> ViewerStats:
     """`count` viewers in this process, of which `stalled` never read."""
     stats = ViewerStats()
@@ -335,7 +346,7 @@ async def viewer_group(
     connecting = trio.Semaphore(32)
     async with trio.open_nursery() as nursery:
         for n in range(count):
-            nursery.start_soon(viewer, url, context, connecting, window, stats, n < stalled)
+            nursery.start_soon(viewer, url, context, connecting, window, stats, n < stalled, rcvbuf)
     return stats
 
 
@@ -388,7 +399,10 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     window = (start + args.warmup, start + args.warmup + args.seconds)
     with concurrent.futures.ProcessPoolExecutor(procs) as pool:
         futures = [
-            pool.submit(run_viewer_group, args.url, args.ca, args.insecure, share, stall, window)
+            pool.submit(
+                run_viewer_group,
+                *(args.url, args.ca, args.insecure, share, stall, window, args.rcvbuf),
+            )
             for share, stall in zip(shares, stalled, strict=True)
         ]
         time.sleep(max(0.0, start - time.time()))
@@ -488,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--procs", type=int, default=1, help="processes for the viewers")
+    parser.add_argument(
+        "--rcvbuf", type=int, default=256 * 1024, help="viewer socket receive buffer (0: the OS's)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--verbose", action="store_true")
