@@ -66,9 +66,10 @@ class Link:
         return self._server if self._raw_ok else None
 
     def _socket(self) -> trio.socket.SocketType | None:
-        stream = _find_trio_stream(self.asgi_send)
-        if stream is None:
+        server = _find_tcp_server(self.asgi_send)
+        if server is None:
             return None
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = server.stream
         return (
             stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
         )
@@ -109,11 +110,6 @@ def _find_tcp_server(send: Any) -> Any:
             return owner
         owner = getattr(getattr(owner, "send", None), "__self__", None)
     return None
-
-
-def _find_trio_stream(send: Any) -> trio.SocketStream | trio.SSLStream[Any] | None:
-    server = _find_tcp_server(send)
-    return None if server is None else server.stream
 
 
 class TrackConnections:
