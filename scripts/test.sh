@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(chromium gcc-mingw-w64-x86-64 make wine wine64 redis-server openssl)
+mapfile -t packages < scripts/system-packages.txt  # the Debian packages the tests use
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
