@@ -141,14 +141,14 @@ class LocalBackplane:
         hub.apply(event)
 
 
-def update_text(raw_text: str | None, raw: dict[str, Any], ts: int) -> str:
+def update_text(raw_text: str, raw: dict[str, Any], ts: int) -> str:
     """The update viewers get, but for `seq`: the publish with `type` first and the hub's `ts`.
 
     The publisher's JSON was just parsed and validated, so its text is spliced in rather than
     encoded again (a 28x9 table is ~11 KB): unknown fields pass through as they came. A publish
     that sets a field the hub owns (`type`, `seq`, `ts`, `online`) is re-encoded without it.
     """
-    body = raw_text.strip() if raw_text is not None else ""
+    body = raw_text.strip()
     if body.startswith("{") and body.endswith("}") and RESERVED.isdisjoint(raw):
         return f'{{"type":"update",{body[1:-1]},"ts":{ts}}}'
     event = {"type": "update", **{k: v for k, v in raw.items() if k not in RESERVED}, "ts": ts}
@@ -183,7 +183,7 @@ class Hub:
     # -- publishers -------------------------------------------------------------------------
 
     def publish(
-        self, publisher: object, message: Publish, raw: dict[str, Any], raw_text: str | None = None
+        self, publisher: object, message: Publish, raw: dict[str, Any], raw_text: str
     ) -> None:
         """Accept a validated publish (`raw`, parsed from `raw_text`) from a live publisher."""
         text = update_text(raw_text, raw, self.now_ms())  # may refuse it: before any state changes

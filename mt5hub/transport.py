@@ -14,8 +14,9 @@ per update (`Frame.wire`) and a viewer's pending frames go out in one `send_all`
 TCPServer's own send lock so nothing interleaves with Hypercorn's control frames. Connections
 where that does not hold (HTTP/2, permessage-deflate) use ASGI as usual.
 
-The walk depends on Hypercorn's internals (pinned in pyproject.toml); tests/test_hub_server.py
-proves both paths against real sockets.
+The walk depends on Hypercorn's internals (pinned in pyproject.toml). Real sockets prove both
+paths: tests/test_hub_server.py the direct one (its clients offer no compression, like the DLL),
+tests/test_dashboard_browser.py the ASGI one (Chromium offers permessage-deflate).
 """
 
 from __future__ import annotations
