@@ -53,6 +53,21 @@ class Settings:
     slow_viewer_timeout: float = 10.0
     viewer_send_buffer: int = 256 * 1024  # bytes of kernel send buffer per viewer; 0: the OS's
     log_level: str = "INFO"
+    # "" keeps state in this process; "redis://host:6379/0" shares it with every hub on that Redis
+    backplane: str = attrs.field(default="", repr=False)  # may hold a password
+    backplane_prefix: str = "mt5hub"  # Redis key prefix: one per deployment sharing a Redis
+    backplane_heartbeat: float = 2.0  # seconds between a hub's heartbeats in Redis
+    backplane_ttl: float = 10.0  # a hub silent this long is dead: its tables go offline
+    backplane_timeout: float = 5.0  # a Redis call slower than this counts as an outage
+
+    def problems(self) -> list[str]:
+        """What is wrong beyond the types, which cattrs checks."""
+        found = []
+        if self.backplane and not self.backplane.startswith(("redis://", "rediss://", "unix://")):
+            found.append("backplane: expected redis://, rediss:// or unix:// (or empty)")
+        if self.backplane_ttl < 2 * self.backplane_heartbeat:
+            found.append("backplane_ttl: must be at least twice backplane_heartbeat")
+        return found
 
 
 @attrs.frozen
@@ -94,6 +109,8 @@ def load_config(
     table = dict(raw.get("mt5hub", {}))
     if "MT5HUB_TOKENS" in environ:
         table["tokens"] = _parse_tokens_env(environ["MT5HUB_TOKENS"])
+    if "MT5HUB_BACKPLANE" in environ:
+        table["backplane"] = environ["MT5HUB_BACKPLANE"]
     if "MT5HUB_VIEWER_TOKENS" in environ:
         table["viewer_tokens"] = [t for t in environ["MT5HUB_VIEWER_TOKENS"].split(",") if t]
     try:
@@ -101,6 +118,8 @@ def load_config(
     except cattrs.BaseValidationError as exc:
         problems = "; ".join(cattrs.transform_error(exc, path="mt5hub"))
         raise ConfigError(f"{file}: {problems}") from exc
+    if settings.problems():
+        raise ConfigError(f"{file}: [mt5hub] " + "; ".join(settings.problems()))
     binds = tuple(_as_list(raw.get("bind", ["127.0.0.1:8000"]))) + tuple(
         _as_list(raw.get("insecure_bind", []))
     )

@@ -99,12 +99,12 @@ class TableState:
     table: TableId
     seq: int = 0
     update: Frame | None = None
-    # live connections that published this table, and the clientId each published it as
+    text: str = ""  # the latest update as published, without its seq (for a backplane's resync)
+    # live connections of this process that published this table, and the clientId of each
     publishers: dict[object, str] = attrs.Factory(dict)
-
-    @property
-    def online(self) -> bool:
-        return bool(self.publishers)
+    # whether any hub has a live publisher of it, as the backplane last said (presence events)
+    online: bool = False
+    client_id: str = ""  # who published it last, or went on/offline with it
 
     def snapshot_entry(self) -> str:
         assert self.update is not None
@@ -116,29 +116,43 @@ class TableState:
 class Event:
     """An accepted publish or a presence change, encoded once, on its way to every viewer.
 
-    An update's `text` is the JSON object viewers get, but for its `seq`: the hub that applies it
-    numbers it (with a shared backplane, one numbering for all workers).
+    An update's `text` is the JSON object viewers get, but for its `seq`. `seq` is None while the
+    event is local to this process: `Hub.apply` then numbers it after the table's last update. A
+    shared backplane numbers it once for every hub, and `apply` drops what it has seen already.
     """
 
     kind: str  # "update" or "presence"
     table: TableId
     text: str
     received: float | None = None  # trio clock at the publish's arrival, for the latency metric
+    client_id: str = ""
+    online: bool = True  # presence only: the table's new state
+    seq: int | None = None  # update only: set by a shared backplane
 
 
 class Backplane(Protocol):
     """Where accepted publishes and presence changes go before they reach viewers.
 
-    The in-process backplane hands them straight back to this hub. A shared one (Redis) will carry
-    them to every worker's hub; this is its seam.
+    `publish` must not block: it is called on the publish path. The in-process backplane hands an
+    event straight back to this hub; `mt5hub.backplane.RedisBackplane` carries it to every hub
+    (workers and hosts) sharing one Redis, this one included. Presence events a hub publishes are
+    about its own connections (its first publisher of a table came, its last one left); the
+    backplane turns them into the table's presence across all hubs.
     """
 
     def publish(self, hub: Hub, event: Event) -> None: ...
+
+    def status(self) -> dict[str, Any]:
+        """What /healthz shows about the backplane; `connected` False means degraded."""
+        ...
 
 
 class LocalBackplane:
     def publish(self, hub: Hub, event: Event) -> None:
         hub.apply(event)
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "local", "connected": True}
 
 
 def update_text(raw_text: str, raw: dict[str, Any], ts: int) -> str:
@@ -174,7 +188,7 @@ class Hub:
         self.tables: dict[TableId, TableState] = {}
         self.viewers: set[Mailbox] = set()
         self.publishers = 0
-        self._backplane = backplane or LocalBackplane()
+        self.backplane: Backplane = backplane or LocalBackplane()
         self._wall_clock = wall_clock
 
     def now_ms(self) -> int:
@@ -192,7 +206,8 @@ class Hub:
         state.publishers[publisher] = message.client_id
         if first:
             self._presence(message.table, message.client_id, online=True)
-        self._backplane.publish(self, Event("update", message.table, text, trio.current_time()))
+        event = Event("update", message.table, text, trio.current_time(), message.client_id)
+        self.backplane.publish(self, event)
 
     def publisher_gone(self, publisher: object) -> None:
         """The connection closed or went silent: tables it was the last publisher of go offline."""
@@ -202,10 +217,13 @@ class Hub:
                 self._presence(state.table, client_id, online=False)
 
     def _presence(self, table: TableId, client_id: str, *, online: bool) -> None:
+        self.backplane.publish(self, self.presence_event(table, client_id, online=online))
+
+    def presence_event(self, table: TableId, client_id: str, *, online: bool) -> Event:
         key, src = table
         event: dict[str, Any] = {"type": "presence", "key": key, "src": src, "clientId": client_id}
         event.update(online=online, ts=self.now_ms())
-        self._backplane.publish(self, Event("presence", table, encode(event)))
+        return Event("presence", table, encode(event), client_id=client_id, online=online)
 
     def _table(self, table: TableId) -> TableState:
         state = self.tables.get(table)
@@ -216,19 +234,31 @@ class Hub:
 
     # -- the backplane delivers here ----------------------------------------------------------
 
-    def apply(self, event: Event) -> None:
-        """Record an event and fan it out: one frame, put in every mailbox without waiting."""
+    def apply(self, event: Event) -> bool:
+        """Record an event and fan it out: one frame, put in every mailbox without waiting.
+
+        Returns False for what changes nothing, which viewers never see: an update whose `seq`
+        this hub has applied already, a presence the table has already.
+        """
+        state = self._table(event.table)
         if event.kind == "update":
-            state = self._table(event.table)
-            state.seq += 1
+            if event.seq is not None and event.seq <= state.seq:
+                return False
+            state.seq = state.seq + 1 if event.seq is None else event.seq
             text = f'{event.text[:-1]},"seq":{state.seq}}}'
             frame = Frame(text, ("update", *event.table), event.received)
-            state.update = frame
+            state.update, state.text = frame, event.text
             self.metrics.updates.inc()
         else:
+            if state.online == event.online:
+                return False
+            state.online = event.online
             frame = Frame(event.text, ("presence", *event.table))
+        if event.client_id:
+            state.client_id = event.client_id
         for mailbox in self.viewers:
             mailbox.put(frame)
+        return True
 
     # -- viewers ----------------------------------------------------------------------------
 

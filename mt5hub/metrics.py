@@ -52,5 +52,25 @@ class Metrics:
             registry=r,
         )
 
+        self.backplane_connected = Gauge(
+            "mt5hub_backplane_connected",
+            "1 while the shared backplane (Redis) is reachable; 0: serving local clients only",
+            registry=r,
+        )
+        self.backplane_connects = Counter(
+            "mt5hub_backplane_connects", "Successful (re)connections to the backplane", registry=r
+        )
+        self.backplane_events = Counter(
+            "mt5hub_backplane_events",
+            "Events sent to (out) and received from (in) the backplane",
+            ["direction"],
+            registry=r,
+        )
+        self.backplane_conflated = Counter(
+            "mt5hub_backplane_conflated",
+            "Updates replaced by a newer one of the same table before they reached the backplane",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,8 +16,9 @@ from quart import Response, Websocket, jsonify, send_from_directory, websocket
 from quart_trio import QuartTrio
 
 from .auth import Authenticator, Refusal, bearer_token
+from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config
-from .hub import Hub, encode
+from .hub import Backplane, Hub, LocalBackplane, encode
 from .metrics import CONTENT_TYPE
 from .models import Decoder
 from .session import PublisherSession, ViewerSession
@@ -76,7 +77,16 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     settings = config.settings
     app = QuartTrio(__name__, static_folder=str(TEMPLATES / "static"), static_url_path="/static")
     app.asgi_app = TrackConnections(app.asgi_app)  # type: ignore[method-assign,assignment]
-    hub = Hub(viewer_buffer=settings.viewer_buffer)
+    backplane: Backplane = LocalBackplane()
+    if settings.backplane:
+        backplane = RedisBackplane(
+            settings.backplane,
+            prefix=settings.backplane_prefix,
+            heartbeat=settings.backplane_heartbeat,
+            ttl=settings.backplane_ttl,
+            timeout=settings.backplane_timeout,
+        )
+    hub = Hub(viewer_buffer=settings.viewer_buffer, backplane=backplane)
     auth = Authenticator(settings.tokens, settings.viewer_tokens, settings.allowed_origins)
     decoder = Decoder(settings.max_rows)
     started = time.monotonic()
@@ -86,6 +96,10 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     async def startup() -> None:
         _setup_logging(settings.log_level)
         check_safe_to_serve(config)  # raising here makes Hypercorn exit with the reason
+        if isinstance(backplane, RedisBackplane):
+            # Lives in the lifespan nursery, cancelled at shutdown. Returns once the first
+            # attempt to reach Redis is over, so the first viewer gets the shared snapshot.
+            await app.nursery.start(backplane.run, hub)
         log.info("mt5hub serving, config %s, binds %s", config.source, ", ".join(config.binds))
 
     @app.get("/")
@@ -94,8 +108,10 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Any:
+        bp = hub.backplane.status()
         return jsonify(
-            status="ok",
+            status="ok" if bp["connected"] else "degraded",
+            backplane=bp,
             publishers=hub.publishers,
             viewers=len(hub.viewers),
             tables=len(hub.tables),

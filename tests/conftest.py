@@ -171,9 +171,10 @@ def write_hub_files(
             {"token": EA1_ONLY_TOKEN, "keys": ["EA1"], "name": "ea1-only"},
         ],
     )
+    workers = settings.pop("workers", 1)
     lines = [
         'worker_class = "trio"',
-        "workers = 1",
+        f"workers = {workers}",
         f'bind = ["{bind_host}:{https_port}"]',
         f'insecure_bind = ["{bind_host}:{http_port}"]',
         'certfile = "hub.crt"',
@@ -216,3 +217,70 @@ def hub_factory(
 @pytest.fixture
 def hub(hub_factory: Callable[..., RunningHub]) -> RunningHub:
     return hub_factory()
+
+
+@attrs.define
+class RunningRedis:
+    """A redis-server of the test's own on a free loopback port, without persistence.
+
+    stop/start keep the port, so that a restart looks to the hubs like a Redis that was down and
+    came back empty (the worst case: everything must be resynchronised from the hubs).
+    """
+
+    binary: str
+    folder: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - the process owns it
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.folder / "redis.log").read_text()
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn,
+            ):
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer PING")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()  # like a crash: no goodbye to its clients
+            self.process.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRedis]:
+    binary = require_tool("redis-server", "the Redis backplane")
+    server = RunningRedis(binary, tmp_path_factory.mktemp("redis"), free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
