@@ -1,0 +1,159 @@
+"""The backplane's rules without Redis: how a hub applies what a shared backplane delivers, what it
+does with events when Redis goes away, and how its reconnects are spaced.
+
+Redis itself is tested for real in test_backplane_redis.py; here the hub is driven directly and
+viewers are mailboxes, on trio's MockClock.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from mt5hub.backplane import PENDING_LIMIT, Backoff, RedisBackplane, is_outage, table_field
+from mt5hub.hub import Event, Hub, Mailbox
+
+T = ("EA1", "EURUSD_PERIOD_H1")
+
+
+def drain(mailbox: Mailbox) -> list[dict[str, Any]]:
+    out = []
+    while (frame := mailbox.get_nowait()) is not None:
+        out.append(json.loads(frame.text))
+    return out
+
+
+def update(seq: int | None, value: int = 0, table: tuple[str, str] = T) -> Event:
+    text = json.dumps({"type": "update", "key": table[0], "src": table[1], "v": value})
+    return Event("update", table, text, seq=seq)
+
+
+async def test_updates_numbered_by_the_backplane_are_applied_once_and_never_go_back() -> None:
+    hub = Hub()
+    with hub.viewer() as mailbox:
+        drain(mailbox)  # the snapshot
+        assert [hub.apply(update(seq)) for seq in (1, 2, 2, 1, 5, 4, 6)] == [
+            True, True, False, False, True, False, True
+        ]  # fmt: skip
+        assert [m["seq"] for m in drain(mailbox)] == [1, 2, 5, 6]
+        assert hub.apply(update(None, value=7))  # local numbering goes on after the last seq
+        assert drain(mailbox)[0]["seq"] == 7
+
+
+async def test_presence_is_sent_to_viewers_only_when_it_changes() -> None:
+    hub = Hub()
+    with hub.viewer() as mailbox:
+        drain(mailbox)
+        online = hub.presence_event(T, "EA1_1", online=True)
+        offline = hub.presence_event(T, "EA1_1", online=False)
+        assert [hub.apply(e) for e in (online, online, offline, offline, online)] == [
+            True, False, True, False, True
+        ]  # fmt: skip
+        assert [m["online"] for m in drain(mailbox)] == [True, False, True]
+        hub.apply(update(3))
+        (entry,) = json.loads(hub.snapshot().text)["tables"]
+        assert (entry["seq"], entry["online"]) == (3, True)
+
+
+def _up(bp: RedisBackplane) -> None:
+    bp._up = True  # as after a connection: publishes queue for the writer
+
+
+async def test_a_burst_while_connected_is_queued_in_order_without_merging() -> None:
+    hub, bp = Hub(), RedisBackplane("redis://127.0.0.1:1/0")
+    hub.backplane = bp
+    _up(bp)
+    for n in range(100):
+        bp.publish(hub, update(None, n))
+    assert [json.loads(e.text)["v"] for e in bp._pending] == list(range(100))
+    assert hub.metrics.backplane_conflated._value.get() == 0
+
+
+async def test_past_the_pending_limit_a_table_keeps_only_its_newest_update() -> None:
+    hub, bp = Hub(), RedisBackplane("redis://127.0.0.1:1/0")
+    _up(bp)
+    other = ("EA2", "X")
+    for n in range(PENDING_LIMIT):
+        bp.publish(hub, update(None, n, table=other if n == 0 else T))
+    bp.publish(hub, update(None, -1))  # replaces T's last pending update, in its place
+    bp.publish(hub, update(None, -2, table=other))  # replaces other's
+    assert len(bp._pending) == PENDING_LIMIT
+    assert json.loads(bp._pending[0].text)["v"] == -2
+    assert json.loads(bp._pending[-1].text)["v"] == -1
+    assert hub.metrics.backplane_conflated._value.get() == 2
+
+
+async def test_when_redis_goes_away_unsent_and_unconfirmed_events_reach_local_viewers() -> None:
+    hub, bp = Hub(), RedisBackplane("redis://127.0.0.1:1/0")
+    hub.backplane = bp
+    with hub.viewer() as mailbox:
+        drain(mailbox)
+        _up(bp)
+        bp._inflight = {1: update(None, 1), 2: update(None, 2)}  # written, 1 came back already
+        bp._on_message(hub, f"U\n1\n{1e9}\n{bp.worker}#1\n{table_field(T)}\n{update(None, 1).text}")
+        bp.publish(hub, hub.presence_event(T, "EA1_1", online=True))
+        bp.publish(hub, update(None, 3))
+        bp._down(hub, ConnectionError("Connection lost"))
+        got = drain(mailbox)
+        assert [(m["type"], m.get("v"), m.get("seq")) for m in got] == [
+            ("update", 1, 1),  # from Redis
+            ("update", 2, 2),  # written but never confirmed: applied here, numbered locally
+            ("presence", None, None),
+            ("update", 3, 3),
+        ]
+        assert not bp._pending and not bp._inflight
+        assert bp.status()["connected"] is False
+        bp.publish(hub, update(None, 4))  # alone now: straight to the viewers
+        assert drain(mailbox)[0]["v"] == 4
+
+
+async def test_messages_from_the_channel_are_applied_as_updates_and_presence() -> None:
+    hub, bp = Hub(), RedisBackplane("redis://127.0.0.1:1/0")
+    with hub.viewer() as mailbox:
+        drain(mailbox)
+        field = table_field(("EA\n1", "src with spaces"))  # JSON escapes what could split it
+        text = '{"type":"update",\n  "key":"EA\\n1","note":"two\\nlines"}'  # pretty-printed
+        bp._on_message(hub, f"P\n1\n{field}\nclient 1")
+        bp._on_message(hub, f"U\n7\n{1e9}\nother-hub#3\n{field}\n{text}")
+        presence, upd = drain(mailbox)
+        assert (presence["key"], presence["clientId"], presence["online"]) == (
+            "EA\n1",
+            "client 1",
+            True,
+        )
+        assert (upd["seq"], upd["note"]) == (7, "two\nlines")
+
+
+async def test_reconnects_back_off_exponentially_with_jitter_up_to_a_cap(
+    autojump_clock: MockClock,
+) -> None:
+    backoff = Backoff(initial=0.1, maximum=5.0, rng=random.Random(7))
+    waits = []
+    for _ in range(10):
+        start = trio.current_time()
+        await trio.sleep(backoff.next())
+        waits.append(trio.current_time() - start)
+    ceilings = [min(5.0, 0.1 * 2**n) for n in range(10)]
+    assert all(c / 2 <= w <= c for w, c in zip(waits, ceilings, strict=True))
+    assert waits[-1] >= 2.5  # capped, not growing forever
+    backoff.reset()
+    assert backoff.next() <= 0.1
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (ConnectionError("refused"), True),
+        (TimeoutError(), True),
+        (ExceptionGroup("g", [ExceptionGroup("h", [ConnectionRefusedError()])]), True),
+        (ExceptionGroup("g", [OSError(), KeyError("bug")]), False),
+        (KeyError("bug"), False),
+    ],
+)
+def test_only_network_and_redis_errors_count_as_an_outage(error: Exception, outage: bool) -> None:
+    assert is_outage(error) is outage
