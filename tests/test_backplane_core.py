@@ -15,7 +15,14 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from mt5hub.backplane import PENDING_LIMIT, Backoff, RedisBackplane, is_outage, table_field
+from mt5hub.backplane import (
+    PENDING_LIMIT,
+    Backoff,
+    RedisBackplane,
+    _redact,
+    is_outage,
+    table_field,
+)
 from mt5hub.hub import Event, Hub, Mailbox
 
 T = ("EA1", "EURUSD_PERIOD_H1")
@@ -157,3 +164,9 @@ async def test_reconnects_back_off_exponentially_with_jitter_up_to_a_cap(
 )
 def test_only_network_and_redis_errors_count_as_an_outage(error: Exception, outage: bool) -> None:
     assert is_outage(error) is outage
+
+
+def test_a_password_in_the_backplane_url_never_reaches_the_logs() -> None:
+    assert _redact("redis://:s3cret@10.0.0.5:6379/0") == "redis://***@10.0.0.5:6379/0"
+    assert _redact("redis://user:s3cret@host/0") == "redis://***@host/0"
+    assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

@@ -23,9 +23,7 @@ HubFactory = Callable[..., RunningHub]
 
 
 @pytest.fixture
-def shared_hub(
-    hub_factory: HubFactory, redis_server: RunningRedis
-) -> Callable[..., RunningHub]:
+def shared_hub(hub_factory: HubFactory, redis_server: RunningRedis) -> Callable[..., RunningHub]:
     """Start a hub on the test's Redis (blocking: call it from a thread inside trio tests)."""
 
     def make(**settings: Any) -> RunningHub:
@@ -119,9 +117,7 @@ async def test_presence_is_the_same_on_every_hub_and_offline_only_when_the_last_
                 await pub_b.send_message(publish_frame(key="EA1", client_id="EA1_on_b"))
                 await next_update(view, "EA1")
                 await pub_a.aclose()  # A lets go, B still holds it: the table stays online
-                await wait_for(
-                    lambda: _publishers(a, 0), "hub A saw its publisher leave", DEADLINE
-                )
+                await wait_for(lambda: _publishers(a, 0), "hub A saw its publisher leave", DEADLINE)
                 await pub_b.send_message(publish_frame(key="EA1", client_id="EA1_on_b"))
                 message = await receive(view, "update", "presence")
                 assert (message["type"], message["seq"]) == ("update", 3)
@@ -149,6 +145,21 @@ async def test_hub_killed_with_sigkill_its_tables_go_offline_on_the_other_hubs(
             a.kill()  # no goodbye: only the expired heartbeat tells the other hubs
             offline = await presence(view, "DOOMED")
             assert (offline["online"], offline["clientId"]) == (False, "EA_doomed")
+
+
+async def test_hub_stopped_with_sigterm_withdraws_its_tables_without_waiting_for_expiry(
+    shared_hub: HubFactory,
+) -> None:
+    a, b = await start_hubs(shared_hub, 2, backplane_heartbeat=1.0, backplane_ttl=300.0)
+    async with viewer(b.ws_url) as view:
+        await receive(view, "snapshot")
+        async with publisher(a.ws_url) as pub:
+            await pub.send_message(publish_frame(key="LEAVING", client_id="EA_leaving"))
+            assert (await presence(view, "LEAVING"))["online"] is True
+            assert await trio.to_thread.run_sync(a.stop) == 0
+            with trio.fail_after(60):  # far less than the 300 s a dead hub would take
+                offline = await presence(view, "LEAVING")
+            assert (offline["online"], offline["clientId"]) == (False, "EA_leaving")
 
 
 async def test_redis_restarted_hubs_serve_locally_then_resync_and_the_latest_state_arrives(
