@@ -75,6 +75,7 @@ class HubConfig:
     settings: Settings = Settings()
     binds: tuple[str, ...] = ()
     max_frame_bytes: int = 1024 * 1024
+    workers: int = 1
     source: str = "<defaults>"
 
 
@@ -127,6 +128,7 @@ def load_config(
         settings=settings,
         binds=binds,
         max_frame_bytes=int(raw.get("websocket_max_message_size", 1024 * 1024)),
+        workers=int(raw.get("workers", 1)),
         source=str(file),
     )
 
@@ -160,3 +162,9 @@ def check_safe_to_serve(config: HubConfig) -> None:
         )
     if not config.settings.tokens:
         raise ConfigError(f"{config.source}: no publisher token configured")
+    if config.workers > 1 and not config.settings.backplane:
+        raise ConfigError(
+            f"refusing to start: workers = {config.workers} in {config.source}, but each worker "
+            f"would hold its own tables and viewers. Set backplane = \"redis://...\" in "
+            f"[mt5hub] (or MT5HUB_BACKPLANE), or workers = 1."
+        )
