@@ -165,6 +165,6 @@ def check_safe_to_serve(config: HubConfig) -> None:
     if config.workers > 1 and not config.settings.backplane:
         raise ConfigError(
             f"refusing to start: workers = {config.workers} in {config.source}, but each worker "
-            f"would hold its own tables and viewers. Set backplane = \"redis://...\" in "
+            f'would hold its own tables and viewers. Set backplane = "redis://..." in '
             f"[mt5hub] (or MT5HUB_BACKPLANE), or workers = 1."
         )

@@ -271,7 +271,7 @@ def test_backplane_url_and_timings_are_checked_when_the_config_loads(tmp_path: A
 def test_several_workers_without_a_backplane_refuse_to_start_and_say_why(
     hub_factory: HubFactory,
 ) -> None:
-    with pytest.raises(RuntimeError, match="hub exited|did not answer") as failed:
+    with pytest.raises(RuntimeError, match=r"hub exited|did not answer") as failed:
         hub_factory(workers=2)
     assert "refusing to start: workers = 2" in str(failed.value)
     assert "backplane" in str(failed.value)
