@@ -28,7 +28,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import coredis
@@ -55,49 +55,76 @@ local function held(workers, prefix, me, tid, now)
 end
 """
 
-# KEYS: seq, state. ARGV: channel, table, floor seq, text, wall time, origin.
-# Number the update after max(stored seq, floor), store it, and tell every hub.
-PUBLISH_UPDATE = """
-local seq = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
-local floor = tonumber(ARGV[3])
-if floor > seq then seq = floor end
-seq = seq + 1
-redis.call('HSET', KEYS[1], ARGV[2], seq)
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1],
-  'U\\n' .. seq .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[6] .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[4])
-return seq
+# Messages on the channel are one or more records, so that a batch costs one PUBLISH and one
+# message to every hub. An update: "U\n<seq>\n<wall time>\n<origin>\n<table>\n<bytes>\n<text>";
+# a presence change: "P\n<1|0>\n<table>\n<clientId>\n". Tables are JSON and clientIds carry no
+# control characters, so neither holds a newline; the text is counted in bytes.
+_RECORDS = """
+local function update_record(seq, wall, origin, tid, text)
+  return 'U\\n' .. seq .. '\\n' .. wall .. '\\n' .. origin .. '\\n' .. tid .. '\\n'
+    .. #text .. '\\n' .. text
+end
+local function presence_record(flag, tid, client)
+  return 'P\\n' .. flag .. '\\n' .. tid .. '\\n' .. client .. '\\n'
+end
 """
 
-# KEYS: seq, state. ARGV: channel, table, seq, text, wall time.
-# After an outage: keep this hub's state of a table if it is newer than Redis's, and tell all.
-OFFER_UPDATE = """
-local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
-if stored >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1],
-  'U\\n' .. ARGV[3] .. '\\n' .. ARGV[5] .. '\\n\\n' .. ARGV[2] .. '\\n' .. ARGV[4])
-return 1
-"""
-
-# KEYS: workers, my claims. ARGV: channel, claims prefix, me, table, clientId, '1' or '0'.
-# This hub's first publisher of a table came ('1') or its last one left ('0'): tell all hubs
-# unless another live hub holds the table (then its presence does not change).
-CLAIM = (
+# KEYS: seq, state, workers, my claims. ARGV: channel, claims prefix, me, then operations:
+#   'U', table, floor seq, text, wall time, origin: number the update after max(stored, floor),
+#       store it as the table's latest state;
+#   'C', table, clientId, '1'|'0': this hub's first publisher of the table came, or its last left;
+#       the table's presence changes unless another live hub holds it.
+# All in order, atomically, and one PUBLISH of the records for every hub.
+WRITE_BATCH = (
     _NOW
     + _HELD
+    + _RECORDS
     + """
-local was_held = held(KEYS[1], ARGV[2], ARGV[3], ARGV[4], now)
-if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
-else
-  redis.call('HDEL', KEYS[2], ARGV[4])
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local tid = ARGV[i + 1]
+  if ARGV[i] == 'U' then
+    local seq = tonumber(redis.call('HGET', KEYS[1], tid) or '0')
+    local floor = tonumber(ARGV[i + 2])
+    if floor > seq then seq = floor end
+    seq = seq + 1
+    redis.call('HSET', KEYS[1], tid, seq)
+    redis.call('HSET', KEYS[2], tid, ARGV[i + 3])
+    table.insert(out, update_record(seq, ARGV[i + 4], ARGV[i + 5], tid, ARGV[i + 3]))
+    i = i + 6
+  else
+    local was_held = held(KEYS[3], ARGV[2], ARGV[3], tid, now)
+    if ARGV[i + 3] == '1' then
+      redis.call('HSET', KEYS[4], tid, ARGV[i + 2])
+    else
+      redis.call('HDEL', KEYS[4], tid)
+    end
+    if not was_held then table.insert(out, presence_record(ARGV[i + 3], tid, ARGV[i + 2])) end
+    i = i + 4
+  end
 end
-if not was_held then
-  redis.call('PUBLISH', ARGV[1], 'P\\n' .. ARGV[6] .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5])
+if #out > 0 then redis.call('PUBLISH', ARGV[1], table.concat(out)) end
+return #out
+"""
+)
+
+# KEYS: seq, state. ARGV: channel, then table, seq, text, wall time per table.
+# After an outage: keep this hub's state of a table where it is newer than Redis's, and tell all.
+OFFER_STATE = (
+    _RECORDS
+    + """
+local out = {}
+for i = 2, #ARGV, 4 do
+  local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if stored < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+    table.insert(out, update_record(ARGV[i + 1], ARGV[i + 3], '', ARGV[i], ARGV[i + 2]))
+  end
 end
-return 1
+if #out > 0 then redis.call('PUBLISH', ARGV[1], table.concat(out)) end
+return #out
 """
 )
 
@@ -106,23 +133,25 @@ return 1
 REGISTER = (
     _NOW
     + _HELD
+    + _RECORDS
     + """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
 local old = redis.call('HGETALL', KEYS[2])
 redis.call('DEL', KEYS[2])
-local mine = {}
+local mine, out = {}, {}
 for i = 5, #ARGV, 2 do
   mine[ARGV[i]] = true
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   if not held(KEYS[1], ARGV[2], ARGV[3], ARGV[i], now) then
-    redis.call('PUBLISH', ARGV[1], 'P\\n1\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
+    table.insert(out, presence_record('1', ARGV[i], ARGV[i + 1]))
   end
 end
 for i = 1, #old, 2 do
   if not mine[old[i]] and not held(KEYS[1], ARGV[2], ARGV[3], old[i], now) then
-    redis.call('PUBLISH', ARGV[1], 'P\\n0\\n' .. old[i] .. '\\n' .. old[i + 1])
+    table.insert(out, presence_record('0', old[i], old[i + 1]))
   end
 end
+if #out > 0 then redis.call('PUBLISH', ARGV[1], table.concat(out)) end
 redis.call('PEXPIRE', KEYS[2], 10 * tonumber(ARGV[4]))
 return 1
 """
@@ -145,12 +174,14 @@ return 0
 # Drop hubs whose heartbeat expired: their tables held by no live hub go offline.
 REAP = (
     _NOW
+    + _RECORDS
     + """
 if ARGV[3] then redis.call('ZADD', KEYS[1], 0, ARGV[3]) end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
 if #dead == 0 then return 0 end
 for _, d in ipairs(dead) do redis.call('ZREM', KEYS[1], d) end
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+local out = {}
 for _, d in ipairs(dead) do
   local claims = redis.call('HGETALL', ARGV[2] .. d)
   for i = 1, #claims, 2 do
@@ -158,12 +189,11 @@ for _, d in ipairs(dead) do
     for _, w in ipairs(live) do
       if redis.call('HEXISTS', ARGV[2] .. w, claims[i]) == 1 then held = true; break end
     end
-    if not held then
-      redis.call('PUBLISH', ARGV[1], 'P\\n0\\n' .. claims[i] .. '\\n' .. claims[i + 1])
-    end
+    if not held then table.insert(out, presence_record('0', claims[i], claims[i + 1])) end
   end
   redis.call('DEL', ARGV[2] .. d)
 end
+if #out > 0 then redis.call('PUBLISH', ARGV[1], table.concat(out)) end
 return #dead
 """
 )
@@ -376,14 +406,14 @@ class RedisBackplane:
     async def _catch_up(self, hub: Hub, client: coredis.Redis[bytes]) -> None:
         """Claims, then our state where it is newer, then theirs where it is newer."""
         await self._register(hub, client)
-        tables = [s for s in hub.tables.values() if s.update is not None and s.text]
-        if tables:
-            offer = client.register_script(OFFER_UPDATE)
-            async with client.pipeline(transaction=False) as pipe:
-                for s in tables:
-                    args: list[str | int | float] = [self.channel, table_field(s.table)]
-                    args += [s.seq, s.text, time.time()]
-                    offer(keys=[self._keys_seq, self._keys_state], args=args, client=pipe)
+        offer: list[str | int | float] = [self.channel]
+        for state in hub.tables.values():
+            if state.update is not None and state.text:
+                offer += [table_field(state.table), state.seq, state.text, time.time()]
+        if len(offer) > 1:
+            await client.register_script(OFFER_STATE)(
+                keys=[self._keys_seq, self._keys_state], args=offer
+            )
         load = client.register_script(LOAD)
         loaded: Any = await load(
             keys=[self._keys_seq, self._keys_state, self._keys_workers],
@@ -414,55 +444,74 @@ class RedisBackplane:
     # -- the three tasks of a connection ------------------------------------------------------
 
     async def _write(self, hub: Hub, client: coredis.Redis[bytes]) -> None:
-        """Send pending events, all that piled up in one pipeline (one round trip)."""
-        update = client.register_script(PUBLISH_UPDATE)
-        claim = client.register_script(CLAIM)
+        """Send what is pending: all of it in one script call, so one round trip and one message.
+
+        While the hub is busy this task runs less often and each batch grows: the cost per
+        update falls as the load rises, on every hub.
+        """
+        write = client.register_script(WRITE_BATCH)
+        keys = [self._keys_seq, self._keys_state, self._keys_workers, self._claims]
         sent = hub.metrics.backplane_events.labels("out")
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             batch, self._pending, self._pending_update = self._pending, [], {}
-            async with client.pipeline(transaction=False) as pipe:
-                for event in batch:
-                    field = table_field(event.table)
-                    if event.kind == "update":
-                        self._serial += 1
-                        self._inflight[self._serial] = event
-                        floor = hub.tables[event.table].seq if event.table in hub.tables else 0
-                        origin = f"{self.worker}#{self._serial}"
-                        args: list[str | int | float] = [self.channel, field, floor, event.text]
-                        args += [time.time(), origin]
-                        update(keys=[self._keys_seq, self._keys_state], args=args, client=pipe)
-                    else:
-                        flag = "1" if event.online else "0"
-                        args = [self.channel, self._claims_prefix, self.worker, field]
-                        args += [event.client_id, flag]
-                        claim(keys=[self._keys_workers, self._claims], args=args, client=pipe)
+            args: list[str | int | float] = [self.channel, self._claims_prefix, self.worker]
+            for event in batch:
+                field = table_field(event.table)
+                if event.kind == "update":
+                    self._serial += 1
+                    self._inflight[self._serial] = event
+                    state = hub.tables.get(event.table)
+                    floor = state.seq if state is not None else 0
+                    origin = f"{self.worker}#{self._serial}"
+                    args += ["U", field, floor, event.text, time.time(), origin]
+                else:
+                    args += ["C", field, event.client_id, "1" if event.online else "0"]
+            await write(keys=keys, args=args)
             sent.inc(len(batch))
 
     async def _receive(self, hub: Hub, subscription: Any) -> None:
         received = hub.metrics.backplane_events.labels("in")
         async for message in subscription:
-            received.inc()
-            self._on_message(hub, message["data"].decode())
+            received.inc(self.deliver(hub, message["data"]))
         raise coredis.exceptions.ConnectionError("subscription ended")
 
-    def _on_message(self, hub: Hub, data: str) -> None:
-        kind, rest = data.split("\n", 1)
-        if kind == "U":
-            seq, wall, origin, field, text = rest.split("\n", 4)
-            worker, _, serial = origin.rpartition("#")
-            if worker == self.worker:
-                self._inflight.pop(int(serial), None)
-            # the publish's arrival on the trio clock, for the latency metric (wall clocks agree
-            # well enough across the hosts of one deployment)
-            received = trio.current_time() - max(0.0, time.time() - float(wall))
-            event = Event("update", parse_table(field), text, received, seq=int(seq))
+    def deliver(self, hub: Hub, data: bytes) -> int:
+        """Apply the events of one channel message to the hub; how many there were."""
+        count = 0
+        for event in self._events(hub, data):
             hub.apply(event)
-        elif kind == "P":
-            online, field, client_id = rest.split("\n", 2)
-            table = parse_table(field)
-            hub.apply(hub.presence_event(table, client_id, online=online == "1"))
+            count += 1
+        return count
+
+    def _events(self, hub: Hub, data: bytes) -> Iterator[Event]:
+        """The events of one channel message (see _RECORDS for the format)."""
+        pos = 0
+
+        def line() -> str:
+            nonlocal pos
+            end = data.index(b"\n", pos)
+            text, pos = data[pos:end].decode(), end + 1
+            return text
+
+        while pos < len(data):
+            kind = line()
+            if kind == "U":
+                seq, wall, origin, field, size = line(), line(), line(), line(), int(line())
+                text, pos = data[pos : pos + size].decode(), pos + size
+                worker, _, serial = origin.rpartition("#")
+                if worker == self.worker:
+                    self._inflight.pop(int(serial), None)
+                # the publish's arrival on this hub's trio clock, for the latency metric (wall
+                # clocks of one deployment's hosts agree well enough for it)
+                received = trio.current_time() - max(0.0, time.time() - float(wall))
+                yield Event("update", parse_table(field), text, received, seq=int(seq))
+            elif kind == "P":
+                online, field, client_id = line(), line(), line()
+                yield hub.presence_event(parse_table(field), client_id, online=online == "1")
+            else:
+                raise ValueError(f"backplane: unknown record {kind!r}")
 
     async def _keepalive(self, hub: Hub, client: coredis.Redis[bytes]) -> None:
         """Heartbeat, re-register if Redis forgot us, and reap hubs that died silently."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from typing import Any
 
 import pytest
@@ -26,6 +27,17 @@ from mt5hub.backplane import (
 from mt5hub.hub import Event, Hub, Mailbox
 
 T = ("EA1", "EURUSD_PERIOD_H1")
+
+
+def update_record(seq: int, origin: str, table: tuple[str, str], text: str) -> bytes:
+    """What the Lua scripts PUBLISH for an update (see backplane._RECORDS)."""
+    body = text.encode()
+    head = f"U\n{seq}\n{time.time()}\n{origin}\n{table_field(table)}\n{len(body)}\n"
+    return head.encode() + body
+
+
+def presence_record(online: bool, table: tuple[str, str], client_id: str) -> bytes:
+    return f"P\n{int(online)}\n{table_field(table)}\n{client_id}\n".encode()
 
 
 def drain(mailbox: Mailbox) -> list[dict[str, Any]]:
@@ -102,7 +114,7 @@ async def test_when_redis_goes_away_unsent_and_unconfirmed_events_reach_local_vi
         drain(mailbox)
         _up(bp)
         bp._inflight = {1: update(None, 1), 2: update(None, 2)}  # written, 1 came back already
-        bp._on_message(hub, f"U\n1\n{1e9}\n{bp.worker}#1\n{table_field(T)}\n{update(None, 1).text}")
+        bp.deliver(hub, update_record(1, f"{bp.worker}#1", T, update(None, 1).text))
         bp.publish(hub, hub.presence_event(T, "EA1_1", online=True))
         bp.publish(hub, update(None, 3))
         bp._down(hub, ConnectionError("Connection lost"))
@@ -119,21 +131,23 @@ async def test_when_redis_goes_away_unsent_and_unconfirmed_events_reach_local_vi
         assert drain(mailbox)[0]["v"] == 4
 
 
-async def test_messages_from_the_channel_are_applied_as_updates_and_presence() -> None:
+async def test_one_channel_message_carries_a_batch_of_updates_and_presence_in_order() -> None:
     hub, bp = Hub(), RedisBackplane("redis://127.0.0.1:1/0")
     with hub.viewer() as mailbox:
         drain(mailbox)
-        field = table_field(("EA\n1", "src with spaces"))  # JSON escapes what could split it
-        text = '{"type":"update",\n  "key":"EA\\n1","note":"two\\nlines"}'  # pretty-printed
-        bp._on_message(hub, f"P\n1\n{field}\nclient 1")
-        bp._on_message(hub, f"U\n7\n{1e9}\nother-hub#3\n{field}\n{text}")
-        presence, upd = drain(mailbox)
-        assert (presence["key"], presence["clientId"], presence["online"]) == (
-            "EA\n1",
-            "client 1",
-            True,
+        table = ("EA\n1", "src with spaces")  # JSON escapes what could split a record
+        pretty = '{"type":"update",\n  "key":"EA\\n1","note":"€ two\\nlines"}'  # pretty-printed
+        message = (
+            presence_record(True, table, "client 1")
+            + update_record(7, "other-hub#3", table, pretty)
+            + update_record(8, "", table, '{"type":"update","n":8}')
+            + presence_record(False, table, "client 1")
         )
-        assert (upd["seq"], upd["note"]) == (7, "two\nlines")
+        assert bp.deliver(hub, message) == 4
+        online, first, second, offline = drain(mailbox)
+        assert (online["key"], online["clientId"], online["online"]) == (table[0], "client 1", True)
+        assert (first["seq"], first["note"], second["seq"]) == (7, "€ two\nlines", 8)
+        assert offline["online"] is False
 
 
 async def test_reconnects_back_off_exponentially_with_jitter_up_to_a_cap(

@@ -8,7 +8,6 @@ deadlines only stop a test that would otherwise wait forever.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -214,32 +213,49 @@ async def _connected(hub: RunningHub) -> bool:
 
 async def test_two_workers_in_one_hypercorn_behave_as_one_hub(shared_hub: HubFactory) -> None:
     (hub,) = await start_hubs(shared_hub, 1, workers=2)
-    pids = set()
-    for _ in range(40):  # each worker answers some connections
-        pids.add((await health(hub))["pid"])
-        if len(pids) == 2:
-            break
-    assert len(pids) == 2 and os.getpid() not in pids
     views: list[WebSocketConnection] = []
     async with trio.open_nursery() as nursery:
-        for _ in range(12):
 
-            async def connect() -> None:
-                async with viewer(hub.ws_url) as view:
-                    await receive(view, "snapshot")
-                    views.append(view)
-                    await trio.sleep_forever()
+        async def connect() -> None:
+            async with viewer(hub.ws_url) as view:
+                await receive(view, "snapshot")
+                views.append(view)
+                await trio.sleep_forever()
 
-            nursery.start_soon(connect)
-        await wait_for(_enough(views, 12), "12 viewers connected", DEADLINE)
-        for key in ("W1", "W2", "W3"):  # publishers land on either worker
+        # The kernel hands each connection to either worker; connect until both have viewers.
+        per_worker: dict[int, int] = {}
+        while len([n for n in per_worker.values() if n]) < 2:
+            assert len(views) < 64, f"all viewers landed on one worker: {per_worker}"
+            for _ in range(4):
+                nursery.start_soon(connect)
+            await wait_for(_enough(views, len(views) + 4), "viewers connected", DEADLINE)
+            per_worker = await _viewers_per_worker(hub)
+        assert sum(per_worker.values()) == len(views)
+        for key in ("W1", "W2", "W3", "W4"):  # publishers land on either worker too
             async with publisher(hub.ws_url) as pub:
                 await pub.send_message(publish_frame(key=key))
                 await synced(pub)
-        for view in views:
-            got = {(await next_update(view))["key"] for _ in range(3)}
-            assert got == {"W1", "W2", "W3"}
+        for view in views:  # every viewer, on either worker, gets every table once
+            got = [(await next_update(view))["key"] for _ in range(4)]
+            assert sorted(got) == ["W1", "W2", "W3", "W4"]
         nursery.cancel_scope.cancel()
+
+
+async def _viewers_per_worker(hub: RunningHub) -> dict[int, int]:
+    """Ask /healthz on many connections at once, so that both workers answer."""
+    seen: dict[int, int] = {}
+
+    async def ask() -> None:
+        status = await health(hub)
+        seen[status["pid"]] = status["viewers"]
+
+    for _ in range(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(ask)
+        if len(seen) == 2:
+            break
+    return seen
 
 
 def _enough(items: list[Any], n: int) -> Callable[[], Any]:
