@@ -44,7 +44,10 @@ class Frame:
     text: str
     slot: tuple[str, str, str] | None = None
     received: float | None = None  # trio clock at the publish's arrival, for the latency metric
-    wire: bytes | None = None  # the WebSocket frame, made once by the first transport that needs it
+    # The WebSocket frame, made once by the first transport that needs it and shared by all: plain
+    # (`wire`), or compressed for viewers that negotiated permessage-deflate, per window size.
+    wire: bytes | None = None
+    deflated: dict[int, bytes] | None = None
 
 
 class Mailbox:

@@ -52,6 +52,11 @@ class Metrics:
             registry=r,
         )
 
+        self.compressions = Counter(
+            "mt5hub_compressions",
+            "Messages compressed for permessage-deflate viewers: once per message, for all of them",
+            registry=r,
+        )
         self.backplane_connected = Gauge(
             "mt5hub_backplane_connected",
             "1 while the shared backplane (Redis) is reachable; 0: serving local clients only",

@@ -131,7 +131,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             return _refuse(grant, "unauthorized", hub)
         await websocket.accept()
         peer = f"{websocket.remote_addr} ({grant.name or 'token'})"
-        transport = QuartTransport(_current_websocket())
+        transport = QuartTransport(_current_websocket(), hub.metrics)
         await PublisherSession(
             hub, transport, settings, peer, grant, decoder, config.max_frame_bytes
         ).run()
@@ -147,7 +147,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         if refusal is not None:
             return _refuse(refusal, "forbidden" if refusal.status == 403 else "unauthorized", hub)
         await websocket.accept()
-        transport = QuartTransport(_current_websocket())
+        transport = QuartTransport(_current_websocket(), hub.metrics)
         transport.limit_send_buffer(settings.viewer_send_buffer)
         await ViewerSession(hub, transport, settings, str(websocket.remote_addr)).run()
         return None

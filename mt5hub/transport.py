@@ -8,15 +8,18 @@ to the trio stream Hypercorn's TCPServer owns.
 
 The same stream makes the fan-out cheap. Through ASGI every message costs a trip through
 Hypercorn's WSStream, wsproto and the TCPServer's lock (~100 us of Python each; 45% of the hub's
-CPU in a profile at 200 viewers). On a plain HTTP/1.1 WebSocket without compression, a server's
-data frame is just a header and the UTF-8 payload, identical for every viewer: it is made once
-per update (`Frame.wire`) and a viewer's pending frames go out in one `send_all`, under the
-TCPServer's own send lock so nothing interleaves with Hypercorn's control frames. Connections
-where that does not hold (HTTP/2, permessage-deflate) use ASGI as usual.
+CPU in a profile at 200 viewers), and with permessage-deflate (which browsers always offer and
+Hypercorn always accepts) a compression per viewer with its own zlib context. On an HTTP/1.1
+WebSocket a server's data frame is the same for every viewer: a header and the UTF-8 payload, or,
+where deflate was negotiated, the payload compressed on its own (a message that refers to no
+earlier one is valid whether or not the peer expects context takeover). So each update's frame is
+made once (`wire`) and a viewer's pending frames go out in one `send_all`, under the TCPServer's
+own send lock so that nothing interleaves with Hypercorn's control frames. HTTP/2 uses ASGI.
 
 The walk depends on Hypercorn's internals (pinned in pyproject.toml). Real sockets prove both
 paths: tests/test_hub_server.py the direct one (its clients offer no compression, like the DLL),
-tests/test_dashboard_browser.py the ASGI one (Chromium offers permessage-deflate).
+tests/test_dashboard_browser.py and a wsproto client the compressed one (Chromium offers
+permessage-deflate).
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from typing import Any
 
 import trio
 from quart import Websocket
+from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
 from .hub import Frame
+from .metrics import Metrics
 
 log = logging.getLogger("mt5hub")
 
@@ -41,13 +46,32 @@ LINK = "mt5hub.link"  # key of the Link in the ASGI scope
 
 
 _FRAMER = FrameProtocol(client=False, extensions=[])  # stateless for whole, unmasked messages
+_DEFLATERS: dict[int, FrameProtocol] = {}
 
 
-def wire(frame: Frame) -> bytes:
-    """The WebSocket text frame for this message, made once and shared by every viewer."""
-    if frame.wire is None:
-        frame.wire = bytes(_FRAMER.send_data(frame.text))
-    return frame.wire
+def _deflater(bits: int) -> FrameProtocol:
+    """A framer that compresses each message on its own, in a window of 2**bits bytes."""
+    if bits not in _DEFLATERS:
+        extension = PerMessageDeflate()
+        extension.accept(
+            f"permessage-deflate; server_no_context_takeover; server_max_window_bits={bits}"
+        )
+        _DEFLATERS[bits] = FrameProtocol(client=False, extensions=[extension])
+    return _DEFLATERS[bits]
+
+
+def wire(frame: Frame, deflate_bits: int | None = None) -> bytes:
+    """The WebSocket frame for this message, made once and shared by every viewer."""
+    if deflate_bits is None:
+        if frame.wire is None:
+            frame.wire = bytes(_FRAMER.send_data(frame.text))
+        return frame.wire
+    if frame.deflated is None:
+        frame.deflated = {}
+    data = frame.deflated.get(deflate_bits)
+    if data is None:
+        data = frame.deflated[deflate_bits] = bytes(_deflater(deflate_bits).send_data(frame.text))
+    return data
 
 
 class Link:
@@ -56,14 +80,17 @@ class Link:
     def __init__(self, send: Callable[..., Awaitable[None]], raw_ok: bool) -> None:
         self.asgi_send = send
         self.peer_closed = False
-        self._raw_ok = raw_ok  # HTTP/1.1, no compression: frames may be written straight
+        self._raw_ok = raw_ok  # HTTP/1.1: frames may be written straight to the socket
         self._server: Any = None
+        self.deflate_bits: int | None = None  # permessage-deflate's window, if negotiated
 
     def raw_server(self) -> Any:
         """Hypercorn's TCPServer of this connection, if frames may be written to it directly."""
         if self._raw_ok and self._server is None:
             self._server = _find_tcp_server(self.asgi_send)
             self._raw_ok = self._server is not None and hasattr(self._server, "send_lock")
+            if self._raw_ok:
+                self._raw_ok, self.deflate_bits = _negotiated_deflate(self.asgi_send)
         return self._server if self._raw_ok else None
 
     def _socket(self) -> trio.socket.SocketType | None:
@@ -113,6 +140,21 @@ def _find_tcp_server(send: Any) -> Any:
     return None
 
 
+def _negotiated_deflate(send: Any) -> tuple[bool, int | None]:
+    """(usable, window bits): what Hypercorn's WSStream agreed on for permessage-deflate.
+
+    Not usable if the walk finds something unexpected (a Hypercorn change): then ASGI it is.
+    """
+    connection = getattr(getattr(send, "__self__", None), "connection", None)
+    extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
+    if not isinstance(extensions, list):
+        return False, None
+    for extension in extensions:
+        if isinstance(extension, PerMessageDeflate) and extension.enabled():
+            return True, max(9, int(extension.server_max_window_bits))
+    return not extensions, None
+
+
 class TrackConnections:
     """ASGI middleware: a Link per websocket, and a note when the peer disconnects."""
 
@@ -123,11 +165,7 @@ class TrackConnections:
         if scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
-        offers = b",".join(
-            v for k, v in scope.get("headers", ()) if k == b"sec-websocket-extensions"
-        )
-        raw_ok = scope.get("http_version") == "1.1" and b"permessage-deflate" not in offers
-        link = scope[LINK] = Link(send, raw_ok)
+        link = scope[LINK] = Link(send, scope.get("http_version") == "1.1")
 
         async def tracked_receive() -> dict[str, Any]:
             message: dict[str, Any] = await receive()
@@ -159,9 +197,10 @@ async def _write_all(stream: trio.SocketStream | trio.SSLStream[Any], data: byte
 class QuartTransport:
     """session.Transport over Quart's websocket proxy."""
 
-    def __init__(self, websocket: Websocket) -> None:
+    def __init__(self, websocket: Websocket, metrics: Metrics) -> None:
         self._ws = websocket
         self._link: Link = websocket.scope[LINK]  # type: ignore[literal-required]
+        self._compressions = metrics.compressions
 
     @property
     def peer_closed(self) -> bool:
@@ -179,7 +218,11 @@ class QuartTransport:
             for frame in frames:
                 await self._link.asgi_send({"type": "websocket.send", "text": frame.text})
             return
-        data = b"".join(wire(frame) for frame in frames)
+        bits = self._link.deflate_bits
+        if bits is not None:  # count what this viewer is the first to need compressed
+            fresh = [f for f in frames if f.deflated is None or bits not in f.deflated]
+            self._compressions.inc(len(fresh))
+        data = b"".join(wire(frame, bits) for frame in frames)
         lock = server.send_lock
         try:
             lock.acquire_nowait()

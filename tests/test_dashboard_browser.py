@@ -317,6 +317,10 @@ def test_update_changes_the_right_cell_and_colour(hub: Any, publishers: Any, new
     }
     assert {k: v for k, v in after.items() if before[k] != v} == {"H1@EURUSD": "-0.70"}
     expect(page.locator("#rate")).not_to_have_text(re.compile(r"^0(\.0)?$"))
+    # Chromium negotiated permessage-deflate: it got the frames the hub compresses once for all.
+    metrics = hub.get("/metrics")[1]
+    compressed = re.search(r"^mt5hub_compressions_total (\S+)$", metrics, re.M)
+    assert compressed is not None and float(compressed.group(1)) >= 2, metrics
 
 
 def test_presence_goes_offline_when_the_publisher_leaves(

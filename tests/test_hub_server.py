@@ -41,8 +41,12 @@ from trio_websocket import (
     WebSocketConnection,
     open_websocket_url,
 )
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.extensions import PerMessageDeflate
 
 HubFactory = Callable[..., RunningHub]
+CLIENT = ConnectionType.CLIENT
 DEADLINE = 60.0  # for things that take milliseconds on an idle machine
 GRACEFUL_TIMEOUT = 2.0  # conftest's hub.toml
 
@@ -258,6 +262,87 @@ async def test_wss_viewer_gets_a_snapshot_of_every_table_then_updates_then_offli
         ("EA2", "S2", False),
     }
     assert all(m["clientId"] == "c1" and isinstance(m["ts"], int) for m in gone)
+
+
+class DeflateViewer:
+    """A viewer that offers permessage-deflate, as browsers do, on a raw wsproto connection.
+
+    Its inflater keeps its window between messages (it allows the hub context takeover), so it
+    proves that updates compressed once, each on its own, decode for such clients too.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream, self.ws, self.raw_bytes, self.compressed = stream, WSConnection(CLIENT), 0, 0
+        self.pending: list[Any] = []
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, port: int) -> AsyncIterator[DeflateViewer]:
+        self = cls(await trio.open_tcp_stream("127.0.0.1", port))
+        async with self.stream:
+            offer = Request(f"127.0.0.1:{port}", "/ws", extensions=[PerMessageDeflate()])
+            await self.stream.send_all(self.ws.send(offer))
+            accepted = await self._event()
+            assert isinstance(accepted, AcceptConnection) and accepted.extensions
+            yield self
+
+    async def _event(self) -> Any:
+        with trio.fail_after(DEADLINE):
+            while not self.pending:
+                data = await self.stream.receive_some(65536)
+                assert data, "the hub closed the connection"
+                self.raw_bytes += len(data)
+                self.compressed += _rsv1_frames(data)
+                self.ws.receive_data(data)
+                self.pending.extend(self.ws.events())
+        return self.pending.pop(0)
+
+    async def message(self) -> dict[str, Any]:
+        parts = []
+        while True:
+            event = await self._event()
+            if isinstance(event, TextMessage):
+                parts.append(event.data)
+                if event.message_finished:
+                    return json.loads("".join(parts))  # type: ignore[no-any-return]
+
+
+def _rsv1_frames(data: bytes) -> int:
+    """Frames with RSV1 (compressed) that start in this chunk, counted roughly: first bytes only."""
+    return int(bool(data) and data[0] & 0x40 and data[0] & 0x0F == 1)
+
+
+async def test_viewers_offering_permessage_deflate_get_updates_compressed_and_intact(
+    hub: RunningHub,
+) -> None:
+    async with (
+        DeflateViewer.connect(hub.http_port) as one,
+        DeflateViewer.connect(hub.http_port) as two,
+        viewer(hub.ws_url) as plain,
+        publisher(hub.ws_url) as pub,
+    ):
+        for view in (one, two):
+            assert (await view.message())["type"] == "snapshot"
+        await receive(plain, "snapshot")
+        sent = []
+        for n in range(20):
+            frame = publish_frame(key="EA1", value=n, pairs=[f"P{i:02d}" for i in range(28)])
+            sent.append(json.loads(frame)["data"])
+            await pub.send_message(frame)
+        for view in (one, two):
+            got = []
+            while len(got) < 20:
+                message = await view.message()
+                if message["type"] == "update":
+                    got.append(message)
+            assert [m["seq"] for m in got] == list(range(1, 21))
+            assert [m["data"] for m in got] == sent  # every one decodes, in a kept window
+            assert view.compressed > 0
+            assert view.raw_bytes < sum(len(json.dumps(d)) for d in sent) / 3
+        for n in range(20):  # the plain viewer on the same hub gets the same, uncompressed
+            assert (await next_update(plain))["data"] == sent[n]
+    # Each update and presence was compressed once for both; each snapshot is a viewer's own.
+    assert await metric(hub, "mt5hub_compressions_total") == 20 + 2 + 2
 
 
 async def test_5_publishers_and_20_viewers_all_end_with_the_latest_seq_of_every_table(
