@@ -7,10 +7,13 @@
 Publishers speak protocol v1 exactly like the DLL (Bearer token, the seed's JSON, pongs to the hub's
 pings). Each publish carries an extra field `sent` (wall clock, seconds) that the hub forwards; a
 viewer subtracts it from its own clock on arrival, so latency is end to end: publisher socket, hub,
-viewer socket. Viewers parse only the head and tail of each update (where `sent` and `seq` are), so
-that the load tester measures the hub rather than its own JSON parser; several viewer processes
+viewer socket. Freshness is the age, at the end of the measured window, of the newest `sent` each
+(healthy) viewer holds for each table: what a dashboard shows then, however many updates it
+missed. Viewers parse only the head and tail of each update (where `sent` and `seq` are), so that
+the load tester measures the hub rather than its own JSON parser; several viewer processes
 (`--procs`) spread the clients' cost. The load test is bounded in time and count and talks to
-loopback addresses only.
+loopback addresses only. `--deflate` makes viewers offer permessage-deflate like browsers do.
+Against a server without /healthz and /metrics (bench/seed_fastapi.py) the hub figures are null.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import ssl
 import statistics
 import sys
 import time
+import urllib.error
 import urllib.request
 from array import array
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import trio
@@ -45,6 +49,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import LocalProtocolError
 
 PAIRS = (
@@ -81,6 +86,7 @@ TFS = ("M1", "M5", "M15", "M30", "H1", "H4", "D1", "W1", "MN1")
 MAX_SECONDS = 600
 RECEIVE_BYTES = 256 * 1024
 CONNECT_TIME = 5.0  # viewers connect (and publishers wait) during this much, at most
+PUBLISHER_GRACE = 5.0  # after the run, publishers get this long to close before they are cut off
 MAX_CLIENTS = 10_000
 SENT = re.compile(r'"sent":([0-9.eE+-]+)')
 SEQ = re.compile(r'"seq":([0-9]+)')
@@ -133,6 +139,11 @@ def client_ssl(url: str, ca: str | None, insecure: bool) -> ssl.SSLContext | Non
     return context
 
 
+def table_id(n: int) -> tuple[str, str]:
+    """(key, src) of publisher n."""
+    return f"EA{n + 1}", f"{PAIRS[n % len(PAIRS)]}_PERIOD_H1"
+
+
 def http_base(url: str) -> str:
     parts = urlsplit(url)
     return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
@@ -145,7 +156,7 @@ async def publisher(
     args: argparse.Namespace, n: int, stop_at: float, counts: dict[str, int], rng: random.Random
 ) -> None:
     """One EA: connect, publish `rate` tables a second until stop_at, reconnect when dropped."""
-    key, src = f"EA{n + 1}", f"{PAIRS[n % len(PAIRS)]}_PERIOD_H1"
+    key, src = table_id(n)
     table = SignalTable(rng, PAIRS[: args.pairs])
     headers = [("Authorization", f"Bearer {args.token}")]
     context = client_ssl(args.url, args.ca, args.insecure)
@@ -203,6 +214,7 @@ class ViewerStats:
         self.gaps = 0  # updates a viewer never saw (seq jumped): conflated for it by the hub
         self.closed = 0
         self.frames = 0
+        self.freshness = array("d")  # seconds, one per (healthy viewer, table)
 
     def merge(self, other: ViewerStats) -> None:
         self.latencies.extend(other.latencies)
@@ -210,6 +222,7 @@ class ViewerStats:
         self.gaps += other.gaps
         self.closed += other.closed
         self.frames += other.frames
+        self.freshness.extend(other.freshness)
 
 
 class ViewerSocket:
@@ -226,7 +239,9 @@ class ViewerSocket:
         self.parts: list[str] = []
 
     @classmethod
-    async def connect(cls, url: str, context: ssl.SSLContext | None, rcvbuf: int) -> ViewerSocket:
+    async def connect(
+        cls, url: str, context: ssl.SSLContext | None, rcvbuf: int, deflate: bool = False
+    ) -> ViewerSocket:
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or (443 if context else 80)
         tcp = await trio.open_tcp_stream(host, port)
@@ -236,7 +251,10 @@ class ViewerSocket:
         if context is not None:
             stream = trio.SSLStream(stream, context, server_hostname=host)
         self = cls(stream)
-        await self._send(Request(host=parts.netloc, target=parts.path or "/"))
+        extensions: list[Extension] = [PerMessageDeflate()] if deflate else []
+        await self._send(
+            Request(host=parts.netloc, target=parts.path or "/", extensions=extensions)
+        )
         async for event in self._events():
             if isinstance(event, AcceptConnection):
                 return self
@@ -284,6 +302,7 @@ async def viewer(
     stats: ViewerStats,
     stalled: bool,
     rcvbuf: int,
+    fresh: Freshness,
 ) -> None:
     """A dashboard: reads every frame (or, stalled, connects and never reads).
 
@@ -292,8 +311,9 @@ async def viewer(
     measure_from, measure_until = window
     stop_at = trio.current_time() + (measure_until + 1 - time.time())
     seqs: dict[tuple[str, str], int] = {}
+    newest: dict[tuple[str, str], float] = {}  # the newest `sent` held, arrived by measure_until
     async with connecting:  # a few handshakes at a time: the listen backlog is short
-        ws = await ViewerSocket.connect(url + "/ws", context, rcvbuf)
+        ws = await ViewerSocket.connect(url + "/ws", context, rcvbuf, fresh.deflate)
     try:
         if stalled:
             await trio.sleep_until(stop_at)
@@ -309,9 +329,11 @@ async def viewer(
                     sent = SENT.search(text)
                     if table is None or seq is None:
                         continue
-                    number, key = int(seq.group(1)), table.groups()
+                    number, key = int(seq.group(1)), (table.group(1), table.group(2))
                     last = seqs.get(key)
                     seqs[key] = number
+                    if sent is not None and arrived < measure_until:
+                        newest[key] = max(newest.get(key, 0.0), float(sent.group(1)))
                     if not measure_from <= arrived < measure_until:
                         continue
                     stats.updates += 1
@@ -322,13 +344,26 @@ async def viewer(
                 elif head.startswith('{"type":"snapshot"'):
                     for entry in json.loads(text)["tables"]:
                         seqs[entry["key"], entry["src"]] = entry["seq"]
+                        if isinstance(entry.get("sent"), int | float):
+                            newest[entry["key"], entry["src"]] = float(entry["sent"])
                 elif head.startswith('{"type":"ping"'):
                     await ws.send_text('{"type":"pong"}')
             stats.closed += 1  # the hub ended it before the run did
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         stats.closed += 1
     finally:
+        if not stalled:  # holding nothing for a table: as old as the whole run
+            for held in fresh.tables:
+                stats.freshness.append(measure_until - newest.get(held, fresh.since))
         await ws.aclose()
+
+
+class Freshness(NamedTuple):
+    """What viewers need to report freshness (and whether they offer permessage-deflate)."""
+
+    tables: tuple[tuple[str, str], ...]  # every table published during the run
+    since: float  # when publishing started (wall clock): the age of a table never received
+    deflate: bool
 
 
 async def viewer_group(
@@ -339,6 +374,7 @@ async def viewer_group(
     stalled: int,
     window: tuple[float, float],
     rcvbuf: int,
+    fresh: Freshness,
 ) -> ViewerStats:
     """`count` viewers in this process, of which `stalled` never read."""
     stats = ViewerStats()
@@ -346,7 +382,9 @@ async def viewer_group(
     connecting = trio.Semaphore(32)
     async with trio.open_nursery() as nursery:
         for n in range(count):
-            nursery.start_soon(viewer, url, context, connecting, window, stats, n < stalled, rcvbuf)
+            nursery.start_soon(
+                viewer, url, context, connecting, window, stats, n < stalled, rcvbuf, fresh
+            )
     return stats
 
 
@@ -358,12 +396,19 @@ def run_viewer_group(*args: Any) -> ViewerStats:
 
 
 def scrape(base: str, context: ssl.SSLContext | None) -> tuple[dict[str, Any], dict[str, float]]:
-    """/healthz and the hub's own counters from /metrics."""
-    with urllib.request.urlopen(base + "/healthz", timeout=5, context=context) as r:
-        health = json.loads(r.read())
+    """/healthz and the hub's own counters from /metrics (empty from a server without them)."""
     counters: dict[str, float] = {}
-    with urllib.request.urlopen(base + "/metrics", timeout=5, context=context) as r:
-        for line in r.read().decode().splitlines():
+    try:
+        with urllib.request.urlopen(base + "/healthz", timeout=5, context=context) as r:
+            health = json.loads(r.read())
+        with urllib.request.urlopen(base + "/metrics", timeout=5, context=context) as r:
+            text = r.read().decode()
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:  # bench/seed_fastapi.py has neither route
+            raise
+        return {}, counters
+    else:
+        for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
                 counters[name.split("{")[0]] = counters.get(name.split("{")[0], 0) + float(value)
@@ -397,17 +442,19 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     stalled = [args.stalled // procs + (i < args.stalled % procs) for i in range(procs)]
     start = time.time() + CONNECT_TIME  # publishers start then, all viewers connected by then
     window = (start + args.warmup, start + args.warmup + args.seconds)
+    fresh = Freshness(tuple(table_id(n) for n in range(args.publishers)), start, args.deflate)
     with concurrent.futures.ProcessPoolExecutor(procs) as pool:
         futures = [
             pool.submit(
                 run_viewer_group,
-                *(args.url, args.ca, args.insecure, share, stall, window, args.rcvbuf),
+                *(args.url, args.ca, args.insecure, share, stall, window, args.rcvbuf, fresh),
             )
             for share, stall in zip(shares, stalled, strict=True)
         ]
         time.sleep(max(0.0, start - time.time()))
-        connected = scrape(base, context)[0]["viewers"] - health_before["viewers"]
+        connected = scrape(base, context)[0].get("viewers", 0) - health_before.get("viewers", 0)
         shared = health_before.get("backplane", {}).get("kind", "local") != "local"
+        shared = shared or not health_before  # no /healthz: no count to check
         if connected < args.viewers and not shared:  # with a backplane: one worker's count
             print(f"warning: only {connected} of {args.viewers} viewers connected", file=sys.stderr)
         counts = trio.run(publish_for, args, args.warmup + args.seconds)
@@ -415,7 +462,8 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         for future in futures:
             stats.merge(future.result())
     health_after, counters_after = scrape(base, context)
-    lat = sorted(stats.latencies)
+    lat, ages = sorted(stats.latencies), sorted(stats.freshness)
+    rss = [h.get("rss_bytes") for h in (health_before, health_after)]
     delta = {k: counters_after.get(k, 0) - counters_before.get(k, 0) for k in counters_after}
     healthy = args.viewers - args.stalled
     return {
@@ -427,36 +475,56 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         "published_per_s": round(counts["published"] / (args.warmup + args.seconds), 1),
         "expected_deliveries_per_s": args.publishers * args.rate * healthy,
         "deliveries_per_s": round(stats.updates / args.seconds, 1),
+        "updates_delivered": stats.updates,
         "latency_ms": {
             name: round(1000 * percentile(lat, q), 1)
             for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
         },
         "mean_latency_ms": round(1000 * statistics.fmean(lat), 1) if lat else None,
+        "freshness_ms": {
+            name: round(1000 * percentile(ages, q), 1)
+            for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+        },
         "seq_gaps": stats.gaps,
         "viewers_closed": stats.closed,
         "hub_conflated": delta.get("mt5hub_conflated_total", 0),
         "hub_dropped": delta.get("mt5hub_dropped_total", 0),
-        "hub_rss_mb": {
-            "before": round(health_before["rss_bytes"] / 2**20, 1),
-            "after": round(health_after["rss_bytes"] / 2**20, 1),
+        "hub_rss_mb": {  # null from a server without /healthz
+            "before": None if rss[0] is None else round(rss[0] / 2**20, 1),
+            "after": None if rss[1] is None else round(rss[1] / 2**20, 1),
         },
         "publisher_errors": counts["errors"],
         "publisher_reconnects": counts["reconnects"],
+        "publishers_cut_off": counts["cut_off"],  # still sending when the run's bound hit
+        "deflate": args.deflate,
     }
 
 
 async def publish_for(args: argparse.Namespace, seconds: float) -> dict[str, int]:
-    counts = {"published": 0, "errors": 0, "reconnects": 0}
+    """Run the publishers for `seconds`; a few seconds more, and those still at it are cut off.
+
+    A hub that stops reading a publisher blocks its sends and its closing handshake: the bound
+    keeps the load test bounded anyway, and `cut_off` says how many publishers it stopped.
+    """
+    counts = {"published": 0, "errors": 0, "reconnects": 0, "running": 0, "cut_off": 0}
     stop_at = trio.current_time() + seconds
     rng = random.Random(args.seed)
-    async with trio.open_nursery() as nursery:
-        for n in range(args.publishers):
-            nursery.start_soon(publisher, args, n, stop_at, counts, random.Random(rng.random()))
+
+    async def run(n: int, rng: random.Random) -> None:
+        counts["running"] += 1
+        await publisher(args, n, stop_at, counts, rng)
+        counts["running"] -= 1
+
+    with trio.move_on_at(stop_at + PUBLISHER_GRACE):
+        async with trio.open_nursery() as nursery:
+            for n in range(args.publishers):
+                nursery.start_soon(run, n, random.Random(rng.random()))
+    counts["cut_off"] = counts.pop("running")
     return counts
 
 
 def print_report(r: dict[str, Any]) -> None:
-    lat = r["latency_ms"]
+    lat, fresh = r["latency_ms"], r["freshness_ms"]
     print(
         f"{r['publishers']} publishers x {r['rate']:g}/s -> {r['viewers']} viewers "
         f"({r['stalled']} stalled), {r['seconds']:g} s measured\n"
@@ -465,11 +533,14 @@ def print_report(r: dict[str, Any]) -> None:
         f"{r['expected_deliveries_per_s']}/s)\n"
         f"  latency ms      p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}"
         f"  max {lat['max']}\n"
+        f"  freshness ms    p50 {fresh['p50']}  p99 {fresh['p99']}  max {fresh['max']}"
+        f"  (age of the newest state held at the end)\n"
         f"  conflated       {r['seq_gaps']} seen as seq gaps; hub counted {r['hub_conflated']:g} "
         f"conflated, {r['hub_dropped']:g} dropped; {r['viewers_closed']} viewers closed\n"
         f"  hub RSS MB      {r['hub_rss_mb']['before']} -> {r['hub_rss_mb']['after']}\n"
         f"  publishers      {r['publisher_errors']} error frames, "
-        f"{r['publisher_reconnects']} reconnects"
+        f"{r['publisher_reconnects']} reconnects, {r['publishers_cut_off']} cut off"
+        + (", viewers offered permessage-deflate" if r["deflate"] else "")
     )
 
 
@@ -505,6 +576,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--procs", type=int, default=1, help="processes for the viewers")
     parser.add_argument(
         "--rcvbuf", type=int, default=256 * 1024, help="viewer socket receive buffer (0: the OS's)"
+    )
+    parser.add_argument(
+        "--deflate", action="store_true", help="viewers offer permessage-deflate (like browsers)"
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -21,6 +21,6 @@ fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
 
-.venv/bin/ruff check mt5hub scripts tests
+.venv/bin/ruff check mt5hub scripts tests bench
 .venv/bin/mypy
 exec .venv/bin/pytest "$@"
