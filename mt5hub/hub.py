@@ -20,7 +20,7 @@ import trio
 
 from .errors import ProtocolError
 from .metrics import Metrics
-from .models import Publish
+from .models import Head
 
 log = logging.getLogger("mt5hub")
 
@@ -199,9 +199,7 @@ class Hub:
 
     # -- publishers -------------------------------------------------------------------------
 
-    def publish(
-        self, publisher: object, message: Publish, raw: dict[str, Any], raw_text: str
-    ) -> None:
+    def publish(self, publisher: object, message: Head, raw: dict[str, Any], raw_text: str) -> None:
         """Accept a validated publish (`raw`, parsed from `raw_text`) from a live publisher."""
         text = update_text(raw_text, raw, self.now_ms())  # may refuse it: before any state changes
         state = self._table(message.table)

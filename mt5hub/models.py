@@ -59,6 +59,19 @@ class Row:
 
 
 @attrs.frozen
+class Head:
+    """Who published which table: all the hub needs of a publish it has validated."""
+
+    key: str
+    src: str
+    client_id: str
+
+    @property
+    def table(self) -> tuple[str, str]:
+        return (self.key, self.src)
+
+
+@attrs.frozen
 class Publish:
     """What a publisher sends: one signal table, identified by (key, src)."""
 
@@ -70,6 +83,10 @@ class Publish:
     @property
     def table(self) -> tuple[str, str]:
         return (self.key, self.src)
+
+    @property
+    def head(self) -> Head:
+        return Head(self.key, self.src, self.client_id)
 
 
 def _strict_str(value: Any, _type: type) -> str:
@@ -150,6 +167,74 @@ def _bound_length(conv: cattrs.Converter, type_: Any, max_len: int, what: str) -
     conv.register_structure_hook_func(lambda t: t == type_, structure)
 
 
+class _Checked:
+    """Strings seen to pass a check before (colours and timeframe names repeat in every table)."""
+
+    def __init__(self, check: Any, size: int = 4096) -> None:
+        self._check, self._size = check, size
+        self._ok: set[str] = set()
+
+    def __call__(self, value: Any) -> bool:
+        if value in self._ok:
+            return True
+        if type(value) is not str or not self._check(value):
+            return False
+        if len(self._ok) < self._size:
+            self._ok.add(value)
+        return True
+
+
+_good_color = _Checked(lambda v: len(v) <= 64 and not _CONTROL.search(v))
+_good_tf = _Checked(lambda v: v != COLOR_FIELD and TF_NAME.fullmatch(v) is not None)
+
+
+def _good_name(value: Any, max_len: int) -> bool:
+    return type(value) is str and 1 <= len(value) <= max_len and not _CONTROL.search(value)
+
+
+def _good_number(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return math.isfinite(value)
+    return kind is int and -(2**1000) < value < 2**1000  # beyond: let the model decide
+
+
+def looks_valid(obj: dict[str, Any], max_rows: int) -> bool:
+    """True only for publishes the model accepts; False means "ask the model" (see accept)."""
+    try:
+        if not (
+            _good_name(obj["key"], 128)
+            and _good_name(obj["src"], 128)
+            and _good_name(obj["clientId"], 128)
+        ):
+            return False
+        rows = obj["data"]
+        if type(rows) is not list or len(rows) > max_rows:
+            return False
+        for row in rows:
+            cells = row["TF_data"]
+            if not (
+                _good_name(row["pair"], 64)
+                and _good_number(row["sum"])
+                and _good_color(row["sum_cell_color"])
+                and type(cells) is list
+                and len(cells) <= MAX_CELLS
+            ):
+                return False
+            for cell in cells:
+                if type(cell) is not dict or len(cell) != 2 or COLOR_FIELD not in cell:
+                    return False
+                for name, value in cell.items():
+                    if name == COLOR_FIELD:
+                        if not _good_color(value):
+                            return False
+                    elif not (_good_tf(name) and _good_number(value)):
+                        return False
+    except (KeyError, TypeError):  # a missing field, or a row that is not an object
+        return False
+    return True
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -180,6 +265,19 @@ class Decoder:
 
     def __init__(self, max_rows: int) -> None:
         self._conv = make_converter(max_rows)
+        self._max_rows = max_rows
+
+    def accept(self, obj: dict[str, Any]) -> Head:
+        """Validate a publish as `publish` does, but build only its Head: the hub's hot path.
+
+        Building the model costs ~1.4 ms for a 28 x 9 table (half the hub's CPU per publish at
+        50 viewers); `looks_valid` checks the same rules in one plain loop. Whatever it does not
+        vouch for goes through the model, which names the problem precisely (tests/test_models.py
+        checks that the two agree).
+        """
+        if looks_valid(obj, self._max_rows):
+            return Head(obj["key"], obj["src"], obj["clientId"])
+        return self.publish(obj).head
 
     def publish(self, obj: dict[str, Any]) -> Publish:
         try:

@@ -327,12 +327,10 @@ class PublisherSession(Session):
             raise ProtocolError("unknown_type", f"$.type: unknown message type {str(kind)[:40]!r}")
 
     def _publish(self, obj: dict[str, Any], text: str) -> None:
-        message = self.decoder.publish(obj)
-        if not self.grant.allows(message.key):
-            raise ProtocolError(
-                "forbidden_key", f"$.key: this token may not publish {message.key!r}"
-            )
-        self.hub.publish(self, message, obj, text)
+        head = self.decoder.accept(obj)
+        if not self.grant.allows(head.key):
+            raise ProtocolError("forbidden_key", f"$.key: this token may not publish {head.key!r}")
+        self.hub.publish(self, head, obj, text)
 
 
 class ViewerSession(Session):

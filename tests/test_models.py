@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mt5hub.errors import ProtocolError
-from mt5hub.models import Cell, Decoder, Publish, Row, parse_json
+from mt5hub.models import Cell, Decoder, Publish, Row, looks_valid, parse_json
 
 PROPERTY = settings(
     max_examples=200,
@@ -277,6 +277,36 @@ def test_valid_publish_round_trips_with_every_field_and_extra_kept(
     assert publish.table == (message["key"], message["src"])
     assert publish.data == expected_rows(message)
     assert obj == before == message  # nothing dropped or changed: extras are forwarded as sent
+
+
+# -- (c2) the hub's fast path agrees with the model ---------------------------------------------
+
+
+@PROPERTY
+@given(json_values | mangled_publishes() | valid_publishes)
+def test_the_fast_check_vouches_only_for_what_the_model_accepts(value: Any) -> None:
+    """`Decoder.accept` skips the model when `looks_valid` says so: it must never be wrong."""
+    try:
+        obj = parse_json(json.dumps(value))
+    except ProtocolError:
+        return
+    if not isinstance(obj, dict):
+        return
+    try:
+        model = DECODER.publish(obj).head
+    except ProtocolError as refused:
+        assert not looks_valid(obj, MAX_ROWS), refused.detail
+        with pytest.raises(ProtocolError) as again:
+            DECODER.accept(obj)
+        assert (again.value.code, again.value.detail) == (refused.code, refused.detail)
+    else:
+        assert DECODER.accept(obj) == model
+
+
+@PROPERTY
+@given(valid_publishes)
+def test_the_fast_check_takes_every_valid_publish(message: dict[str, Any]) -> None:
+    assert looks_valid(parse_json(json.dumps(message)), MAX_ROWS)
 
 
 # -- (d) examples ---------------------------------------------------------------------------
