@@ -58,11 +58,6 @@ class Mailbox:
     (counted as conflated) and keeps its place. Until overflow is drained everything new goes
     there too, so frames of one slot never overtake each other. Memory stays bounded by the
     buffer size plus the number of slots (tables), however long the reader stalls.
-
-    `direct`, when set, may deliver a frame at once, from the publisher's task, while nothing is
-    waiting or being sent: it saves waking the reader's task per frame, which is most of the cost
-    of a fan-out to many viewers. Frames the reader took count as unsent until it says `sent`, so
-    a direct delivery never overtakes them.
     """
 
     def __init__(self, size: int, metrics: Metrics, role: str) -> None:
@@ -70,16 +65,11 @@ class Mailbox:
         self._overflow: dict[tuple[str, str, str], Frame] = {}
         self._metrics = metrics
         self._role = role
-        self._unsent = 0  # queued, or taken by the reader and not yet `sent`
-        self.direct: Callable[[Frame], bool] | None = None
 
     def put(self, frame: Frame) -> None:
-        if not self._unsent and self.direct is not None and self.direct(frame):
-            return
         if not self._overflow:
             try:
                 self._send.send_nowait(frame)
-                self._unsent += 1
                 return
             except trio.WouldBlock:
                 pass
@@ -88,13 +78,7 @@ class Mailbox:
             return
         if self._overflow.pop(frame.slot, None) is not None:
             self._metrics.conflated.inc()
-        else:
-            self._unsent += 1
         self._overflow[frame.slot] = frame
-
-    def sent(self, count: int) -> None:
-        """The reader is done with this many frames it took (written, or lost with the peer)."""
-        self._unsent -= count
 
     def get_nowait(self) -> Frame | None:
         """The next frame if one is waiting, else None."""

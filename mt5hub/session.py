@@ -50,9 +50,6 @@ class Transport(Protocol):
     async def send(self, frames: Sequence[Frame]) -> None:
         """Write these frames in order; may block (uncancellably) while the peer reads nothing."""
 
-    def write_now(self, frame: Frame) -> bool:
-        """Write this frame whole without blocking and return True, or do nothing and say False."""
-
     async def close(self, code: int, reason: str) -> None: ...
 
     def abort(self) -> None:
@@ -229,7 +226,6 @@ class Session:
             finally:
                 self._sending_since = None
                 self._sent.set()
-                self.outbox.sent(len(batch))
             frames_out.inc(len(batch))
             bytes_out.inc(size)
             now = trio.current_time()
@@ -347,33 +343,7 @@ class ViewerSession(Session):
 
     async def run(self) -> None:
         with self.hub.viewer() as self.outbox:
-            self._frames_out = self.hub.metrics.frames_out.labels(self.role)
-            self._bytes_out = self.hub.metrics.bytes_out.labels(self.role)
-            self.outbox.direct = self._write_now
-            try:
-                await super().run()
-            finally:
-                self.outbox.direct = None
-
-    def _write_now(self, frame: Frame) -> bool:
-        """Mailbox.direct: the frame straight to an idle peer's socket, if it takes it whole.
-
-        It runs in the publisher's task: whatever goes wrong here must not reach the publisher.
-        """
-        if self._scope.cancel_called:
-            return False
-        try:
-            if not self.transport.write_now(frame):
-                return False
-        except Exception:
-            log.exception("%s %s: direct write failed; using its writer only", self.role, self.peer)
-            self.outbox.direct = None
-            return False
-        self._frames_out.inc()
-        self._bytes_out.inc(len(frame.text))
-        if frame.received is not None:
-            self.hub.metrics.latency.observe(trio.current_time() - frame.received)
-        return True
+            await super().run()
 
     def handle(self, frame: str | bytes) -> None:
         pass  # any frame (normally {"type":"pong"}) refreshed last_seen; there is nothing else

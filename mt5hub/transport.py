@@ -25,12 +25,10 @@ permessage-deflate).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
 import struct
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -45,10 +43,6 @@ from .metrics import Metrics
 log = logging.getLogger("mt5hub")
 
 LINK = "mt5hub.link"  # key of the Link in the ASGI scope
-# Linux: getsockopt(SOL_SOCKET, SO_MEMINFO) and two of its fields; bytes not yet sent; the limit
-SO_MEMINFO, _SNDBUF, _WMEM_QUEUED = 55, 3, 5
-SIOCOUTQNSD = 0x894B
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
 _FRAMER = FrameProtocol(client=False, extensions=[])  # stateless for whole, unmasked messages
@@ -89,7 +83,6 @@ class Link:
         self._raw_ok = raw_ok  # HTTP/1.1: frames may be written straight to the socket
         self._server: Any = None
         self.deflate_bits: int | None = None  # permessage-deflate's window, if negotiated
-        self._lowat: int | None = None if sys.platform == "linux" else 0
 
     def raw_server(self) -> Any:
         """Hypercorn's TCPServer of this connection, if frames may be written to it directly."""
@@ -108,32 +101,6 @@ class Link:
         return (
             stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
         )
-
-    def has_room(self, sock: trio.socket.SocketType, size: int) -> bool:
-        """True if a non-blocking write of `size` bytes will surely be taken whole.
-
-        Linux stops taking a write once the bytes not yet sent reach TCP_NOTSENT_LOWAT (trio sets
-        16 KiB, to keep backlog where it can be dealt with: for us, in the conflating mailbox) or
-        its buffers' memory reaches the send buffer (several times the bytes when a slow
-        reader's small window splits them). Both are read before writing, with a margin.
-        Elsewhere than Linux: never, and the writer's path is used.
-        """
-        if self._lowat is None:
-            try:
-                self._lowat = sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT)
-            except OSError:
-                self._lowat = 0
-        if self._lowat <= 0 or self._lowat == 0xFFFFFFFF:
-            return False
-        try:
-            unsent = fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0")
-            info = struct.unpack("9I", sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))
-        except OSError:
-            self._lowat = 0
-            return False
-        not_sent: int = struct.unpack("i", unsent)[0]
-        queued: int = info[_WMEM_QUEUED]
-        return not_sent + size < self._lowat and queued + 2 * size + 32768 <= info[_SNDBUF]
 
     def limit_send_buffer(self, size: int) -> None:
         """Cap the kernel's send buffer, a FIFO the hub cannot conflate.
@@ -270,44 +237,6 @@ class QuartTransport:
             self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
         finally:
             lock.release()
-
-    def write_now(self, frame: Frame) -> bool:
-        """The frame straight to the socket from the caller's task, if it surely takes it whole.
-
-        Only on plain TCP (TLS needs its own task to write), only while Hypercorn's send lock is
-        free, and only while the kernel's queue for this socket leaves room for the frame several
-        times over: a partial write could not be finished safely from here, so it never starts.
-        """
-        server = self._link.raw_server()
-        if server is None or not isinstance(server.stream, trio.SocketStream):
-            return False
-        lock = server.send_lock
-        if lock.locked() or self._link.peer_closed or server.stream.socket.fileno() < 0:
-            return False  # busy, or closed: the writer's path sees to it
-        bits = self._link.deflate_bits
-        if bits is not None and (frame.deflated is None or bits not in frame.deflated):
-            self._compressions.inc()
-        data = wire(frame, bits)
-        sock = server.stream.socket
-        if not self._link.has_room(sock, len(data)):
-            return False
-        lock.acquire_nowait()
-        try:
-            written = os.write(sock.fileno(), data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            self._link.peer_closed = True  # Hypercorn's reader sees it too and ends the session
-            return True
-        finally:
-            lock.release()
-        if 0 < written < len(data):  # the kernel broke its promise: never leave half a frame
-            log.error(
-                "partial direct write (%d of %d bytes): dropping the viewer", written, len(data)
-            )
-            self.abort()
-            return True
-        return written == len(data)
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)

@@ -52,14 +52,6 @@ class MemoryTransport:
             except trio.ClosedResourceError:
                 pass  # aborted under us: the frames are lost, as on a reset socket
 
-    def write_now(self, frame: Frame) -> bool:
-        """Like QuartTransport: straight through while the peer's window has room."""
-        try:
-            self._to_peer.send_nowait(frame.text)
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            return False
-        return True
-
     async def close(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)
         self._to_peer.close()
