@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -289,17 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         report(result)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-    finally:
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    if results:
-        print(table(results))
-        print(f"\n{LEGEND}")
-    return 0 if results and all("error" not in r for r in results) else 1
+    return bb.finish(results, args, root, lambda rows: f"{table(rows)}\n\n{LEGEND}")
 
 
 def report(result: dict[str, Any]) -> None:

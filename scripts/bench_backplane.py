@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -500,14 +500,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
     finally:
         stop_group(redis, "redis-server")
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    return finish(results, args, root, table)
+
+
+def finish(
+    results: list[dict[str, Any]],
+    args: argparse.Namespace,
+    root: Path,
+    render: Callable[[Sequence[dict[str, Any]]], str],
+) -> int:
+    """Keep or remove the temp dir, print the results; the exit status (1 if a run failed)."""
+    if args.keep:
+        print(f"kept {root}", file=sys.stderr)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
     if results:
-        print(table(results))
+        print(render(results))
     return 0 if results and all("error" not in r for r in results) else 1
 
 
