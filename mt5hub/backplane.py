@@ -41,6 +41,7 @@ from .hub import Event, Hub, TableId, encode
 log = logging.getLogger("mt5hub")
 
 PENDING_LIMIT = 10_000  # events waiting for Redis before updates of one table replace each other
+BATCH_LIMIT = 256  # events per script call: a backlog goes in several calls, not one huge one
 
 # Every script reads the time from Redis, so hubs on hosts with skewed clocks agree on expiry.
 _NOW = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
@@ -453,7 +454,12 @@ class RedisBackplane:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            batch, self._pending, self._pending_update = self._pending, [], {}
+            batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
+            self._pending_update = {
+                e.table: i for i, e in enumerate(self._pending) if e.kind == "update"
+            }
+            if self._pending:
+                self._wake.set()  # the rest goes in the next call
             args: list[str | int | float] = [self.channel, self._claims_prefix, self.worker]
             for event in batch:
                 field = table_field(event.table)

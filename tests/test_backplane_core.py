@@ -17,6 +17,7 @@ import trio
 from trio.testing import MockClock
 
 from mt5hub.backplane import (
+    BATCH_LIMIT,
     PENDING_LIMIT,
     Backoff,
     RedisBackplane,
@@ -184,3 +185,29 @@ def test_a_password_in_the_backplane_url_never_reaches_the_logs() -> None:
     assert _redact("redis://:s3cret@10.0.0.5:6379/0") == "redis://***@10.0.0.5:6379/0"
     assert _redact("redis://user:s3cret@host/0") == "redis://***@host/0"
     assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+async def test_a_backlog_for_redis_goes_out_in_bounded_calls_in_order(
+    autojump_clock: MockClock,
+) -> None:
+    hub, bp = Hub(), RedisBackplane("redis://127.0.0.1:1/0")
+    _up(bp)
+    tables = [(f"EA{n}", "X") for n in range(BATCH_LIMIT + 10)]
+    for n, table in enumerate(tables):
+        bp.publish(hub, update(None, n, table=table))
+    bp.publish(hub, hub.presence_event(tables[-1], "EA_last", online=True))
+    calls = []
+
+    class Script:
+        async def __call__(self, keys: list[str], args: list[Any]) -> int:
+            calls.append([a for a in args[3:] if a in ("U", "C")])
+            return 0
+
+    class Client:
+        def register_script(self, _lua: str) -> Script:
+            return Script()
+
+    with trio.move_on_after(1):  # the writer waits for more once the backlog is out
+        await bp._write(hub, Client())  # type: ignore[arg-type]
+    assert [len(c) for c in calls] == [BATCH_LIMIT, 11]
+    assert calls[1][-1] == "C"  # the presence stays after the updates it followed
