@@ -197,19 +197,31 @@ return #dead
 """
 )
 
+# The claims of all live hubs, as table, clientId pairs.
+_CLAIMED = """
+local function claimed(workers, prefix, now)
+  local online = {}
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', workers, now, '+inf')) do
+    local claims = redis.call('HGETALL', prefix .. w)
+    for i = 1, #claims do table.insert(online, claims[i]) end
+  end
+  return online
+end
+"""
+
 # KEYS: seq, state, workers. ARGV: claims prefix.
 # Everything a hub needs to catch up: seqs, states, and the claims of live hubs.
 LOAD = (
     _NOW
+    + _CLAIMED
     + """
-local online = {}
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], now, '+inf')) do
-  local claims = redis.call('HGETALL', ARGV[1] .. w)
-  for i = 1, #claims do table.insert(online, claims[i]) end
-end
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), online}
+local seqs, states = redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])
+return {seqs, states, claimed(KEYS[3], ARGV[1], now)}
 """
 )
+
+# KEYS: workers. ARGV: claims prefix. The claims of live hubs (table, clientId pairs).
+CLAIMED = _NOW + _CLAIMED + "return claimed(KEYS[1], ARGV[1], now)\n"
 
 
 def table_field(table: TableId) -> str:
@@ -285,6 +297,8 @@ class RedisBackplane:
         self._wake = trio.Event()
         self._serial = 0
         self._inflight: dict[int, Event] = {}  # updates sent, until they come back on the channel
+        self._unclaimed: list[TableId] = []  # see _catch_up
+        self._unclaimed_at = 0.0
 
     # -- hub.Backplane ------------------------------------------------------------------------
 
@@ -425,13 +439,19 @@ class RedisBackplane:
                 event = Event("update", parse_table(field), texts[field], seq=int(seq))
                 hub.apply(event)
         claims = dict(_pairs(online))
+        unclaimed = []
         for state in list(hub.tables.values()):
             client_id = claims.get(table_field(state.table))
-            if (client_id is not None) != state.online:
-                online_now = client_id is not None
-                hub.apply(
-                    hub.presence_event(state.table, client_id or state.client_id, online=online_now)
-                )
+            if client_id is not None and not state.online:
+                hub.apply(hub.presence_event(state.table, client_id, online=True))
+            elif client_id is None and state.online:
+                unclaimed.append(state.table)
+        # Online here but claimed by no hub in Redis: its hub may be dead, or only not yet back
+        # (Redis restarted empty and that hub reconnects after us). Look again after one `ttl`
+        # before telling viewers it went offline, so that a Redis restart does not flash every
+        # table offline on the dashboards.
+        self._unclaimed = unclaimed
+        self._unclaimed_at = trio.current_time() + self.ttl
 
     async def _register(self, hub: Hub, client: coredis.Redis[bytes]) -> None:
         args: list[str | int] = [self.channel, self._claims_prefix, self.worker, self._ttl_ms]
@@ -529,7 +549,21 @@ class RedisBackplane:
                 log.warning("backplane: Redis had forgotten this hub; registering again")
                 await self._register(hub, client)
             await reap(keys=[self._keys_workers], args=[self.channel, self._claims_prefix])
+            if self._unclaimed and trio.current_time() >= self._unclaimed_at:
+                await self._settle_unclaimed(hub, client)
             await trio.sleep(self.heartbeat)
+
+    async def _settle_unclaimed(self, hub: Hub, client: coredis.Redis[bytes]) -> None:
+        """Tables still claimed by no live hub one `ttl` after catching up: offline now."""
+        online: Any = await client.register_script(CLAIMED)(
+            keys=[self._keys_workers], args=[self._claims_prefix]
+        )
+        claimed = {field for field, _ in _pairs(online)}
+        for table in self._unclaimed:
+            state = hub.tables.get(table)
+            if state is not None and state.online and table_field(table) not in claimed:
+                hub.apply(hub.presence_event(table, state.client_id, online=False))
+        self._unclaimed = []
 
     async def _leave(self) -> None:
         """On shutdown: withdraw this hub's claims at once instead of waiting for the reaper."""

@@ -188,8 +188,14 @@ async def test_redis_restarted_hubs_serve_locally_then_resync_and_the_latest_sta
         redis_server.start()  # empty: the hubs must put the state back
         for hub in (a, b):
             await wait_for(lambda hub=hub: _connected(hub), "hub reconnects", DEADLINE)
-        latest = await next_update(on_b, "EA1")  # what B missed, once Redis is back
+        seen = [await receive(on_b, "update", "presence")]  # what B missed, once Redis is back
+        while seen[-1]["type"] != "update":
+            seen.append(await receive(on_b, "update", "presence"))
+        latest = seen[-1]
         assert (latest["seq"], latest["data"][0]["TF_data"][0]["M1"]) == (3, 3)
+        # Redis came back empty and the hubs re-registered one after the other: the table,
+        # whose publisher never left, did not flash offline on the dashboards meanwhile.
+        assert not [m for m in seen if m["type"] == "presence" and not m["online"]], seen
         async with viewer(b.ws_url) as fresh:
             (table,) = (await receive(fresh, "snapshot"))["tables"]
             assert (table["seq"], table["online"]) == (3, True)
@@ -199,6 +205,23 @@ async def test_redis_restarted_hubs_serve_locally_then_resync_and_the_latest_sta
             update = await next_update(view, "EA1")
             assert (update["seq"], update["data"][0]["TF_data"][0]["M1"]) == (4, 4)
     assert "backplane redis://127.0.0.1" in a.log() and "unreachable" in a.log()
+
+
+async def test_hub_that_died_while_redis_was_down_has_its_tables_go_offline_after_ttl(
+    shared_hub: HubFactory, redis_server: RunningRedis
+) -> None:
+    a, b = await start_hubs(shared_hub, 2)
+    async with viewer(b.ws_url) as view:
+        await receive(view, "snapshot")
+        async with publisher(a.ws_url) as pub:
+            await pub.send_message(publish_frame(key="ORPHAN", client_id="EA_orphan"))
+            await next_update(view, "ORPHAN")
+            redis_server.stop()
+            await wait_for(lambda: _degraded(b), "hub B reports degraded", DEADLINE)
+            a.kill()  # dies unseen: Redis is down, and comes back without A's claims
+        redis_server.start()
+        offline = await presence(view, "ORPHAN")  # one backplane_ttl after B caught up
+        assert (offline["online"], offline["clientId"]) == (False, "EA_orphan")
 
 
 async def _degraded(hub: RunningHub) -> bool:
