@@ -266,7 +266,8 @@ class RunningRedis:
                 conn.sendall(b"PING\r\n")
                 if conn.recv(16).startswith(b"+PONG"):
                     return
-            time.sleep(0.05)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # not yet: wait on it a moment
+                self.process.wait(0.05)
         raise RuntimeError("redis-server did not answer PING")
 
     def stop(self) -> None:

@@ -109,7 +109,8 @@ def running(command: list[str], proxy: Proxy, env: dict[str, str] | None = None)
             except OSError:
                 pass
             assert time.monotonic() < deadline, f"proxy never served /healthz:\n{proxy.log()}"
-            time.sleep(0.1)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # not yet: wait on it a moment
+                process.wait(0.1)
         yield proxy
     finally:
         with contextlib.suppress(ProcessLookupError):
