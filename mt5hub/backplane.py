@@ -421,8 +421,8 @@ class RedisBackplane:
         await self._register(hub, client)
         offer: list[str | int | float] = [self.channel]
         for state in hub.tables.values():
-            if state.update is not None and state.text:
-                offer += [table_field(state.table), state.seq, state.text, time.time()]
+            if state.update is not None:
+                offer += [table_field(state.table), state.seq, state.published_text(), time.time()]
         if len(offer) > 1:
             await client.register_script(OFFER_STATE)(
                 keys=[self._keys_seq, self._keys_state], args=offer

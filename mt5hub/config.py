@@ -119,8 +119,8 @@ def load_config(
     except cattrs.BaseValidationError as exc:
         problems = "; ".join(cattrs.transform_error(exc, path="mt5hub"))
         raise ConfigError(f"{file}: {problems}") from exc
-    if settings.problems():
-        raise ConfigError(f"{file}: [mt5hub] " + "; ".join(settings.problems()))
+    if wrong := settings.problems():
+        raise ConfigError(f"{file}: [mt5hub] " + "; ".join(wrong))
     binds = tuple(_as_list(raw.get("bind", ["127.0.0.1:8000"]))) + tuple(
         _as_list(raw.get("insecure_bind", []))
     )

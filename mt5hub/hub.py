@@ -102,12 +102,16 @@ class TableState:
     table: TableId
     seq: int = 0
     update: Frame | None = None
-    text: str = ""  # the latest update as published, without its seq (for a backplane's resync)
     # live connections of this process that published this table, and the clientId of each
     publishers: dict[object, str] = attrs.Factory(dict)
     # whether any hub has a live publisher of it, as the backplane last said (presence events)
     online: bool = False
     client_id: str = ""  # who published it last, or went on/offline with it
+
+    def published_text(self) -> str:
+        """The latest update without its seq, as a backplane carries it (for a resync)."""
+        assert self.update is not None
+        return self.update.text[: -len(f',"seq":{self.seq}}}')] + "}"
 
     def snapshot_entry(self) -> str:
         assert self.update is not None
@@ -248,7 +252,7 @@ class Hub:
             state.seq = state.seq + 1 if event.seq is None else event.seq
             text = f'{event.text[:-1]},"seq":{state.seq}}}'
             frame = Frame(text, ("update", *event.table), event.received)
-            state.update, state.text = frame, event.text
+            state.update = frame
             self.metrics.updates.inc()
         else:
             if state.online == event.online:

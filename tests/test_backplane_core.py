@@ -78,6 +78,7 @@ async def test_presence_is_sent_to_viewers_only_when_it_changes() -> None:
         hub.apply(update(3))
         (entry,) = json.loads(hub.snapshot().text)["tables"]
         assert (entry["seq"], entry["online"]) == (3, True)
+        assert hub.tables[T].published_text() == update(3).text  # what a resync offers
 
 
 def _up(bp: RedisBackplane) -> None:
