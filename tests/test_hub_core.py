@@ -24,6 +24,7 @@ from mt5hub.hub import Frame, Hub, Mailbox, update_text
 from mt5hub.metrics import Metrics
 from mt5hub.models import Decoder
 from mt5hub.session import CLOSE_GRACE, PublisherSession, ViewerSession
+from mt5hub.transport import LINK, Link, QuartTransport
 
 
 class MemoryTransport:
@@ -425,3 +426,21 @@ def test_update_text_splices_the_publish_and_drops_fields_the_hub_owns() -> None
         "data": [],
         "ts": 5,
     }
+
+
+async def test_without_a_direct_socket_frames_go_through_asgi_one_message_each() -> None:
+    """HTTP/2 WebSockets (or a Hypercorn whose internals moved) use plain ASGI sends."""
+    sent: list[dict[str, Any]] = []
+
+    async def asgi_send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    link = Link(asgi_send, raw_ok=False)
+    websocket = type("FakeWebsocket", (), {"scope": {LINK: link}})()
+    transport = QuartTransport(websocket, Metrics())  # type: ignore[arg-type]
+    await transport.send([Frame('{"type":"update","n":1}'), Frame('{"type":"update","n":2}')])
+    assert sent == [
+        {"type": "websocket.send", "text": '{"type":"update","n":1}'},
+        {"type": "websocket.send", "text": '{"type":"update","n":2}'},
+    ]
+    assert link.raw_server() is None and link.deflate_bits is None
