@@ -292,13 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(result: dict[str, Any]) -> None:
-    """Progress on stderr: what fake_dll and the server's log said."""
-    for line in result.get("load_stderr", []):
-        print(f"   fake_dll: {line}", file=sys.stderr)
-    log = result["server_log"]
-    print(f"   server log: {log['count']} WARNING/ERROR/Traceback lines", file=sys.stderr)
-    for line in log["lines"]:
-        print(f"     {line}", file=sys.stderr)
+    """Progress on stderr: what fake_dll and the server's log said, then the headline."""
+    bb.report_logs(result, "server_log", "server log")
     with contextlib.suppress(KeyError):
         x = result["load"]
         print(

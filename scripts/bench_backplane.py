@@ -490,17 +490,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["hub_log"] = {"path": str(workdir / "hub.log")}
                 result["hub_log"].update(grep_log(workdir / "hub.log"))
                 results.append(result)
-                for line in result.get("load_stderr", []):
-                    print(f"   fake_dll: {line}", file=sys.stderr)
-                log = result["hub_log"]
-                print(f"   hub log: {log['count']} WARNING/ERROR/Traceback lines", file=sys.stderr)
-                for line in log["lines"]:
-                    print(f"     {line}", file=sys.stderr)
+                report_logs(result, "hub_log", "hub log")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
     finally:
         stop_group(redis, "redis-server")
     return finish(results, args, root, table)
+
+
+def report_logs(result: dict[str, Any], key: str, name: str) -> None:
+    """Progress on stderr: what fake_dll printed and what the server's log warned about."""
+    for line in result.get("load_stderr", []):
+        print(f"   fake_dll: {line}", file=sys.stderr)
+    log = result[key]
+    print(f"   {name}: {log['count']} WARNING/ERROR/Traceback lines", file=sys.stderr)
+    for line in log["lines"]:
+        print(f"     {line}", file=sys.stderr)
 
 
 def finish(
