@@ -68,6 +68,9 @@ end
 local function presence_record(flag, tid, client)
   return 'P\\n' .. flag .. '\\n' .. tid .. '\\n' .. client .. '\\n'
 end
+local function publish_records(channel, out)
+  if #out > 0 then redis.call('PUBLISH', channel, table.concat(out)) end
+end
 """
 
 # KEYS: seq, state, workers, my claims. ARGV: channel, claims prefix, me, then operations:
@@ -105,7 +108,7 @@ while i <= #ARGV do
     i = i + 4
   end
 end
-if #out > 0 then redis.call('PUBLISH', ARGV[1], table.concat(out)) end
+publish_records(ARGV[1], out)
 return #out
 """
 )
@@ -124,7 +127,7 @@ for i = 2, #ARGV, 4 do
     table.insert(out, update_record(ARGV[i + 1], ARGV[i + 3], '', ARGV[i], ARGV[i + 2]))
   end
 end
-if #out > 0 then redis.call('PUBLISH', ARGV[1], table.concat(out)) end
+publish_records(ARGV[1], out)
 return #out
 """
 )
@@ -152,7 +155,7 @@ for i = 1, #old, 2 do
     table.insert(out, presence_record('0', old[i], old[i + 1]))
   end
 end
-if #out > 0 then redis.call('PUBLISH', ARGV[1], table.concat(out)) end
+publish_records(ARGV[1], out)
 redis.call('PEXPIRE', KEYS[2], 10 * tonumber(ARGV[4]))
 return 1
 """
@@ -192,7 +195,7 @@ for _, d in ipairs(dead) do
   end
   redis.call('DEL', ARGV[2] .. d)
 end
-if #out > 0 then redis.call('PUBLISH', ARGV[1], table.concat(out)) end
+publish_records(ARGV[1], out)
 return #dead
 """
 )
