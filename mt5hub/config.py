@@ -52,6 +52,10 @@ class Settings:
     viewer_buffer: int = 64
     slow_viewer_timeout: float = 10.0
     viewer_send_buffer: int = 256 * 1024  # bytes of kernel send buffer per viewer; 0: the OS's
+    max_viewers: int = 2000  # viewer connections in all: more get HTTP 503
+    max_viewers_per_ip: int = 50  # viewer connections from one client address: more get 429
+    max_publishers: int = 1000  # publisher connections (after their token was accepted)
+    trusted_proxies: tuple[str, ...] = ()  # addresses whose X-Forwarded-For names the client
     log_level: str = "INFO"
     # "" keeps state in this process; "redis://host:6379/0" shares it with every hub on that Redis
     backplane: str = attrs.field(default="", repr=False)  # may hold a password
@@ -59,6 +63,10 @@ class Settings:
     backplane_heartbeat: float = 2.0  # seconds between a hub's heartbeats in Redis
     backplane_ttl: float = 10.0  # a hub silent this long is dead: its tables go offline
     backplane_timeout: float = 5.0  # a Redis call slower than this counts as an outage
+    # The latest state of every table survives a restart in this file (relative: to the working
+    # directory); "" keeps nothing. Unused with a backplane, where the state lives in Redis.
+    state_file: str = "mt5hub-state.json"
+    state_interval: float = 1.0  # at most one write per this many seconds, and only after a change
 
     def problems(self) -> list[str]:
         """What is wrong beyond the types, which cattrs checks."""
@@ -67,6 +75,16 @@ class Settings:
             found.append("backplane: expected redis://, rediss:// or unix:// (or empty)")
         if self.backplane_ttl < 2 * self.backplane_heartbeat:
             found.append("backplane_ttl: must be at least twice backplane_heartbeat")
+        if not self.state_interval > 0:  # also refuses NaN
+            found.append("state_interval: must be more than 0 seconds")
+        for name in ("max_viewers", "max_viewers_per_ip", "max_publishers"):
+            if getattr(self, name) < 1:
+                found.append(f"{name}: must be at least 1")
+        for network in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                found.append(f"trusted_proxies: {network!r} is not an address or network")
         return found
 
 
@@ -112,6 +130,8 @@ def load_config(
         table["tokens"] = _parse_tokens_env(environ["MT5HUB_TOKENS"])
     if "MT5HUB_BACKPLANE" in environ:
         table["backplane"] = environ["MT5HUB_BACKPLANE"]
+    if "MT5HUB_STATE_FILE" in environ:  # e.g. systemd's StateDirectory, outside the checkout
+        table["state_file"] = environ["MT5HUB_STATE_FILE"]
     if "MT5HUB_VIEWER_TOKENS" in environ:
         table["viewer_tokens"] = [t for t in environ["MT5HUB_VIEWER_TOKENS"].split(",") if t]
     try:

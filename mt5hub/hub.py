@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -120,6 +120,20 @@ class TableState:
 
 
 @attrs.frozen
+class SavedTable:
+    """A table's latest state as it outlives the process (`mt5hub.persist` keeps it in a file).
+
+    `text` is the update frame viewers got, `seq` included (it ends with `,"seq":<seq>}`), so a
+    restored table serves exactly what it served before the restart.
+    """
+
+    table: TableId
+    seq: int
+    client_id: str
+    text: str
+
+
+@attrs.frozen
 class Event:
     """An accepted publish or a presence change, encoded once, on its way to every viewer.
 
@@ -197,6 +211,9 @@ class Hub:
         self.publishers = 0
         self.backplane: Backplane = backplane or LocalBackplane()
         self._wall_clock = wall_clock
+        # Bumped by every applied update: a saver compares it with what it saved last, so an
+        # idle hub costs no write.
+        self.changes = 0
 
     def now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -253,6 +270,7 @@ class Hub:
             text = f'{event.text[:-1]},"seq":{state.seq}}}'
             frame = Frame(text, ("update", *event.table), event.received)
             state.update = frame
+            self.changes += 1
             self.metrics.updates.inc()
         else:
             if state.online == event.online:
@@ -264,6 +282,34 @@ class Hub:
         for mailbox in self.viewers:
             mailbox.put(frame)
         return True
+
+    # -- surviving a restart ------------------------------------------------------------------
+
+    def saved_tables(self) -> list[SavedTable]:
+        """The latest state of every table, to be kept where it outlives this process."""
+        return [
+            SavedTable(s.table, s.seq, s.client_id, s.update.text)
+            for s in self.tables.values()
+            if s.update is not None
+        ]
+
+    def restore(self, saved: Iterable[SavedTable]) -> int:
+        """Put back tables saved by an earlier run, before anyone publishes; how many.
+
+        They come back offline (no connection publishes them yet) with their seq, so that a
+        returning publisher's next update continues the numbering viewers already know. A table
+        this hub already has is left as it is: what it holds is newer than any file.
+        """
+        restored = 0
+        for entry in saved:
+            if entry.table in self.tables:
+                continue
+            state = self._table(entry.table)
+            state.seq = entry.seq
+            state.client_id = entry.client_id
+            state.update = Frame(entry.text, ("update", *entry.table))
+            restored += 1
+        return restored
 
     # -- viewers ----------------------------------------------------------------------------
 

@@ -76,6 +76,16 @@ class Metrics:
             "Updates replaced by a newer one of the same table before they reached the backplane",
             registry=r,
         )
+        self.state_saves = Counter(
+            "mt5hub_state_saves",
+            "Latest states of all tables written to the state file (only after a change)",
+            registry=r,
+        )
+        self.state_save_errors = Counter(
+            "mt5hub_state_save_errors",
+            "Writes of the state file that failed (disk full, permissions); retried next interval",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,15 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quart import Response, Websocket, jsonify, send_from_directory, websocket
+import trio
+from quart import Response, Websocket, jsonify, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
 from .auth import Authenticator, Refusal, bearer_token
 from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config
 from .hub import Backplane, Hub, LocalBackplane, encode
+from .limits import RETRY_AFTER, Limits, LogThrottle, client_ip, raise_open_files_limit
 from .metrics import CONTENT_TYPE
 from .models import Decoder
+from .persist import StateStore
 from .session import PublisherSession, ViewerSession
 from .transport import QuartTransport, TrackConnections
 
@@ -36,21 +39,26 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _refuse(refusal: Refusal, reason: str, hub: Hub) -> Response:
-    """An HTTP answer instead of the upgrade: the client sees 401/403, not a WebSocket."""
+def _refuse(refusal: Refusal, reason: str, hub: Hub, ip: str, throttle: LogThrottle) -> Response:
+    """An HTTP answer instead of the upgrade: the client sees 401/403/429/503, not a WebSocket."""
     hub.metrics.rejects.labels(reason).inc()
-    log.warning(
+    throttle.warning(
+        reason,
+        ip,
         "refused %s from %s: %s %s",
         websocket.path,
-        websocket.remote_addr,
+        ip,
         refusal.status,
         refusal.detail,
     )
-    return Response(
+    response = Response(
         encode({"error": reason, "detail": refusal.detail}),
         status=refusal.status,
         content_type="application/json",
     )
+    if refusal.status in (429, 503):
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+    return response
 
 
 def _setup_logging(level: str) -> None:
@@ -87,8 +95,27 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             timeout=settings.backplane_timeout,
         )
     hub = Hub(viewer_buffer=settings.viewer_buffer, backplane=backplane)
+    # With a backplane the state lives in Redis: workers sharing one file would fight over it.
+    store = (
+        StateStore(settings.state_file, interval=settings.state_interval)
+        if settings.state_file and not settings.backplane
+        else None
+    )
     auth = Authenticator(settings.tokens, settings.viewer_tokens, settings.allowed_origins)
     decoder = Decoder(settings.max_rows)
+    limits = Limits(
+        max_viewers=settings.max_viewers,
+        max_viewers_per_ip=settings.max_viewers_per_ip,
+        max_publishers=settings.max_publishers,
+    )
+    throttle = LogThrottle()
+
+    def peer_ip() -> str:
+        return client_ip(
+            str(websocket.remote_addr),
+            websocket.headers.get("X-Forwarded-For"),
+            settings.trusted_proxies,
+        )
     started = time.monotonic()
     app.extensions["mt5hub"] = hub
 
@@ -96,11 +123,33 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     async def startup() -> None:
         _setup_logging(settings.log_level)
         check_safe_to_serve(config)  # raising here makes Hypercorn exit with the reason
+        wanted = settings.max_viewers + settings.max_publishers + 256  # + files, Redis, slack
+        soft, hard = raise_open_files_limit(wanted)
+        if soft < wanted:
+            log.warning(
+                "open files limit is %s (hard %s), under the %s that max_viewers and "
+                "max_publishers may need: raise it (LimitNOFILE= in systemd, ulimit -n)",
+                soft,
+                hard,
+                wanted,
+            )
+        if store is not None:
+            # Before serving, so the first viewer's snapshot holds the tables of the last run.
+            hub.restore(await trio.to_thread.run_sync(store.load))
+            app.nursery.start_soon(store.run, hub)  # cancelled at shutdown, after final_save
+        elif settings.state_file and settings.backplane:
+            log.info("state_file unused: with a backplane the latest state lives in Redis")
         if isinstance(backplane, RedisBackplane):
             # Lives in the lifespan nursery, cancelled at shutdown. Returns once the first
             # attempt to reach Redis is over, so the first viewer gets the shared snapshot.
             await app.nursery.start(backplane.run, hub)
         log.info("mt5hub serving, config %s, binds %s", config.source, ", ".join(config.binds))
+
+    @app.after_serving
+    async def save_state() -> None:
+        """Every connection is closed by now: write what the last interval did not (bounded)."""
+        if store is not None:
+            await store.final_save(hub)
 
     @app.get("/")
     async def index() -> Any:
@@ -124,17 +173,31 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     async def metrics() -> Response:
         return Response(hub.metrics.render(), content_type=CONTENT_TYPE)
 
+    @app.get("/ws")
+    @app.get("/ws/dll")
+    async def not_a_websocket() -> Response:
+        """A plain GET (a browser, a curl, a health check pointed at the wrong path)."""
+        peer = request.remote_addr
+        log.info("refused GET %s from %s: 426 not a WebSocket handshake", request.path, peer)
+        body = {"error": "upgrade_required", "detail": "a WebSocket endpoint: use ws:// or wss://"}
+        headers = {"Upgrade": "websocket"}
+        return Response(encode(body), 426, headers, content_type="application/json")
+
     @app.websocket("/ws/dll")
     async def publisher() -> Response | None:
+        ip = peer_ip()
         grant = auth.publisher(_token())
         if isinstance(grant, Refusal):
-            return _refuse(grant, "unauthorized", hub)
-        await websocket.accept()
-        peer = f"{websocket.remote_addr} ({grant.name or 'token'})"
-        transport = QuartTransport(_current_websocket(), hub.metrics)
-        await PublisherSession(
-            hub, transport, settings, peer, grant, decoder, config.max_frame_bytes
-        ).run()
+            return _refuse(grant, "unauthorized", hub, ip, throttle)
+        with limits.publisher() as full:
+            if full is not None:
+                return _refuse(full, "hub_full", hub, ip, throttle)
+            await websocket.accept()
+            peer = f"{ip} ({grant.name or 'token'})"
+            transport = QuartTransport(_current_websocket(), hub.metrics)
+            await PublisherSession(
+                hub, transport, settings, peer, grant, decoder, config.max_frame_bytes
+            ).run()
         return None
 
     @app.websocket("/ws")
@@ -144,12 +207,18 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             websocket.headers.get("Origin"),
             websocket.headers.get("Host"),
         )
+        ip = peer_ip()
         if refusal is not None:
-            return _refuse(refusal, "forbidden" if refusal.status == 403 else "unauthorized", hub)
-        await websocket.accept()
-        transport = QuartTransport(_current_websocket(), hub.metrics)
-        transport.limit_send_buffer(settings.viewer_send_buffer)
-        await ViewerSession(hub, transport, settings, str(websocket.remote_addr)).run()
+            reason = "forbidden" if refusal.status == 403 else "unauthorized"
+            return _refuse(refusal, reason, hub, ip, throttle)
+        with limits.viewer(ip) as full:
+            if full is not None:
+                reason = "too_many_from_ip" if full.status == 429 else "hub_full"
+                return _refuse(full, reason, hub, ip, throttle)
+            await websocket.accept()
+            transport = QuartTransport(_current_websocket(), hub.metrics)
+            transport.limit_send_buffer(settings.viewer_send_buffer)
+            await ViewerSession(hub, transport, settings, ip).run()
         return None
 
     return app

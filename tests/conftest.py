@@ -49,6 +49,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Keys of hub_factory(**settings) that are Hypercorn's (top level of hub.toml), not [mt5hub]'s.
+HYPERCORN_KEYS = ("keep_alive_timeout", "ssl_handshake_timeout", "backlog", "read_timeout")
+
+
 def _toml_value(value: Any) -> str:
     return json.dumps(value)  # JSON strings, numbers, booleans and lists are valid TOML
 
@@ -180,8 +184,9 @@ def write_hub_files(
         'certfile = "hub.crt"',
         'keyfile = "hub.key"',
         f"websocket_max_message_size = {settings.pop('websocket_max_message_size', 1048576)}",
-        "graceful_timeout = 2.0",
+        f"graceful_timeout = {settings.pop('graceful_timeout', 2.0)}",
         'errorlog = "-"',
+        *(f"{k} = {_toml_value(settings.pop(k))}" for k in HYPERCORN_KEYS if k in settings),
         "[mt5hub]",
         *(f"{key} = {_toml_value(value)}" for key, value in settings.items()),
     ]

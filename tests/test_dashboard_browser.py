@@ -421,8 +421,9 @@ def test_reconnects_with_backoff_after_a_hub_restart_and_shows_the_latest_data(
 
 
 def test_a_table_the_restarted_hub_no_longer_has_disappears(
-    hub: Any, publishers: Any, new_page: Any
+    hub_factory: Any, publishers: Any, new_page: Any
 ) -> None:
+    hub = hub_factory(state_file="")  # a hub that keeps no state across restarts
     publishers(hub).publish(EURUSD_H1)
     page = new_page()
     page.goto(hub.http_url)

@@ -391,7 +391,9 @@ def test_wrong_or_missing_token_shows_in_status_and_last_error(
     dll.wait_state(good, CONNECTED)
 
 
-def test_hub_restart_mid_stream(hub: RunningHub, dll: DllTest) -> None:
+def test_hub_restart_mid_stream(hub_factory: Callable[..., RunningHub], dll: DllTest) -> None:
+    # A hub that keeps no state across restarts: the DLL alone must bring every table back.
+    hub = hub_factory(state_file="")
     with Viewer(hub) as viewer:
         handle = dll.open(hub.ws_url + "/ws/dll", hub.token)
         dll.wait_state(handle, CONNECTED)

@@ -1,0 +1,311 @@
+"""The latest state of every table, kept in one JSON file so that a restarted hub is not empty.
+
+A dashboard that reconnects after a hub restart (deploy, crash, reboot) should find every table
+as it was, offline until its EA publishes again, rather than a blank page. The hub keeps its
+tables in memory (`Hub`, which does no file I/O); `StateStore` writes them to a file from a task
+of its own and reads them back at startup.
+
+- Writes are atomic: a temporary file in the same directory, flushed and fsynced, then
+  `os.replace` and an fsync of the directory. A crash at any point leaves the old file or the
+  new one, never half of one.
+- Writes happen in a worker thread (never on the event loop), at most once per `interval`, and
+  only when an update was applied since the last write; plus one final write on shutdown,
+  bounded in time so that a hung disk cannot hold up the exit.
+- A file that cannot be read, is not ours, or comes from a newer format is moved aside (its name
+  plus `.corrupt-<time>` or `.unsupported-<time>`) with one warning, and the hub starts empty: a
+  bad file must never keep the hub down. Entries that do not check out are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .hub import Hub, SavedTable, encode
+
+log = logging.getLogger("mt5hub")
+
+FORMAT = "mt5hub-state"
+VERSION = 1  # bump when the layout changes; a hub refuses files of versions it does not know
+FINAL_SAVE_TIMEOUT = 1.0  # seconds the shutdown waits for the last write (graceful_timeout is 2)
+
+# How a blocking call leaves the event loop: a worker thread in production; tests on a MockClock
+# run it inline, since the clock would jump ahead while a thread works.
+InThread = Callable[[Callable[[], None]], Awaitable[None]]
+
+
+async def in_worker_thread(fn: Callable[[], None]) -> None:
+    """Run `fn` in a thread. A cancelled caller does not wait for it: the write is atomic, and
+    `StateStore.write` never lets an abandoned older write replace a newer one."""
+    await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+
+class BadEntry(ValueError):
+    """A table entry of the state file that cannot be restored; the message says why."""
+
+
+class StateStore:
+    """One state file: load it at startup, keep it current while serving, write it at shutdown."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        interval: float = 1.0,
+        in_thread: InThread = in_worker_thread,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)  # relative: to the working directory, like hub.toml
+        self.interval = interval
+        self._in_thread = in_thread
+        self._wall_clock = wall_clock
+        self._lock = trio.Lock()  # one save at a time from this event loop
+        self._saved_changes = 0  # Hub.changes as of the last successful save
+        self._failing = False  # a save failed and nothing has been saved since: log once
+        # Writes abandoned by a cancelled caller may still run in their thread: this lock and
+        # the newest generation written keep an older snapshot from replacing a newer one.
+        self._write_lock = threading.Lock()
+        self._written = 0
+
+    # -- startup ------------------------------------------------------------------------------
+
+    def load(self) -> list[SavedTable]:
+        """The tables of the file; [] (and the bad file moved aside) when it cannot be used."""
+        self._remove_leftovers()
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            log.info("no state file %s yet: starting with no tables", self.path)
+            return []
+        except OSError as exc:
+            self._set_aside("corrupt", f"cannot read it ({_describe(exc)})")
+            return []
+        try:
+            document = json.loads(raw)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            self._set_aside("corrupt", f"not JSON ({exc})")
+            return []
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
+            self._set_aside("corrupt", f'not an mt5hub state file (no "format": "{FORMAT}")')
+            return []
+        version = document.get("version")
+        if version != VERSION:
+            self._set_aside(
+                "unsupported",
+                f"format version {version!r}, and this hub reads version {VERSION} only "
+                f"(written by a newer mt5hub?)",
+            )
+            return []
+        entries = document.get("tables")
+        if not isinstance(entries, list):
+            self._set_aside("corrupt", '"tables" is not a list')
+            return []
+        tables: list[SavedTable] = []
+        seen: set[tuple[str, str]] = set()
+        bad: list[str] = []
+        for n, entry in enumerate(entries):
+            try:
+                table = parse_entry(entry)
+                if table.table in seen:
+                    raise BadEntry(f"table {table.table} appears twice")
+            except BadEntry as exc:
+                bad.append(f"tables[{n}]: {exc}")
+                continue
+            seen.add(table.table)
+            tables.append(table)
+        if bad:
+            log.warning(
+                "state file %s: skipped %d bad table entr%s of %d (first: %s)",
+                self.path,
+                len(bad),
+                "y" if len(bad) == 1 else "ies",
+                len(entries),
+                bad[0],
+            )
+        log.info(
+            "state file %s: restoring %d tables (offline until published)", self.path, len(tables)
+        )
+        return tables
+
+    def _set_aside(self, why: str, problem: str) -> None:
+        """Move a file the hub cannot use out of the way (never overwrite it), and say so once."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._wall_clock()))
+        aside = self.path.with_name(f"{self.path.name}.{why}-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.{why}-{stamp}-{n}")
+        try:
+            os.rename(self.path, aside)
+            where = f"moved to {aside}"
+        except OSError as exc:
+            where = f"could not move it aside ({_describe(exc)}); the next save replaces it"
+        log.warning(
+            "state file %s is unusable: %s; %s; starting with no tables", self.path, problem, where
+        )
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of writes cut short (a kill between write and replace)."""
+        with contextlib.suppress(OSError):
+            for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+
+    # -- while serving ------------------------------------------------------------------------
+
+    async def run(self, hub: Hub, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Save every `interval` while something changed; runs until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval)
+            await self.save(hub)
+
+    async def save(self, hub: Hub) -> bool:
+        """Write the hub's tables if an update was applied since the last save; False if failed.
+
+        A failure (disk full, permissions) is counted and logged once, and retried at the next
+        interval: the hub serves on, only its restart would lose what was not saved.
+        """
+        async with self._lock:
+            changes = hub.changes
+            if changes == self._saved_changes:
+                return True
+            tables = hub.saved_tables()
+            try:
+                await self._in_thread(lambda: self.write(tables, changes))
+            except OSError as exc:
+                hub.metrics.state_save_errors.inc()
+                if not self._failing:
+                    log.warning(
+                        "cannot save the tables to %s: %s; retrying every %s s",
+                        self.path,
+                        _describe(exc),
+                        self.interval,
+                    )
+                self._failing = True
+                return False
+            self._saved_changes = changes
+            hub.metrics.state_saves.inc()
+            if self._failing:
+                log.info("saved the tables to %s again", self.path)
+                self._failing = False
+            return True
+
+    async def final_save(self, hub: Hub, timeout: float = FINAL_SAVE_TIMEOUT) -> None:
+        """The last save, at shutdown: shielded from the shutdown's cancellation, bounded."""
+        with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True) as scope:
+            await self.save(hub)
+        if scope.cancelled_caught:
+            log.warning(
+                "the final save to %s did not finish within %s s: it holds the state of the "
+                "last save before it",
+                self.path,
+                timeout,
+            )
+
+    # -- the file -----------------------------------------------------------------------------
+
+    def write(self, tables: Sequence[SavedTable], generation: int) -> None:
+        """Replace the file with these tables, atomically (blocking: call it from a thread).
+
+        `generation` orders snapshots (`Hub.changes`): a write older than one already done is
+        skipped, so that a write abandoned by a cancelled caller cannot undo a newer one.
+        """
+        with self._write_lock:
+            if generation <= self._written:
+                return
+            body = self.dumps(tables)
+            directory = self.path.parent
+            fd, temporary = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".tmp", dir=directory
+            )
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(body)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+            _fsync_directory(directory)  # the rename itself survives a power cut
+            self._written = generation
+
+    def dumps(self, tables: Sequence[SavedTable]) -> bytes:
+        entries = [
+            {"key": t.table[0], "src": t.table[1], "seq": t.seq, "clientId": t.client_id,
+             "update": t.text}
+            for t in tables
+        ]  # fmt: skip
+        document = {
+            "format": FORMAT,
+            "version": VERSION,
+            "saved": round(self._wall_clock(), 3),
+            "tables": entries,
+        }
+        return encode(document).encode()
+
+
+def parse_entry(entry: Any) -> SavedTable:
+    """One table of the file, checked as the hub will serve it; BadEntry says what is wrong."""
+    if not isinstance(entry, dict):
+        raise BadEntry("not an object")
+    key, src = _string(entry, "key"), _string(entry, "src")
+    client_id, text = _string(entry, "clientId"), _string(entry, "update")
+    if not key or not src:
+        raise BadEntry("key and src must not be empty")
+    seq = entry.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise BadEntry("seq: expected a positive integer")
+    try:
+        update = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise BadEntry(f"update: not JSON ({exc})") from None
+    if not isinstance(update, dict):
+        raise BadEntry("update: not a JSON object")
+    if update.get("type") != "update":
+        raise BadEntry('update: "type" is not "update"')
+    if (update.get("key"), update.get("src")) != (key, src):
+        raise BadEntry("update: its key and src are not the entry's")
+    if "online" in update:
+        raise BadEntry('update: holds "online", which the hub adds itself')
+    # The hub splices `online` in before the closing brace and strips the seq for a backplane
+    # resync (TableState.published_text): the text must end exactly as the hub writes it.
+    if update.get("seq") != seq or not text.endswith(f',"seq":{seq}}}'):
+        raise BadEntry(f'update: does not end with the entry\'s ,"seq":{seq}}}')
+    return SavedTable((key, src), seq, client_id, text)
+
+
+def _string(entry: dict[str, Any], name: str) -> str:
+    value = entry.get(name)
+    if not isinstance(value, str):
+        raise BadEntry(f"{name}: expected a string")
+    return value
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems that cannot
+            raise
+    finally:
+        os.close(fd)
+
+
+def _describe(exc: OSError) -> str:
+    """`No space left on device`, without the path the log line names already."""
+    return exc.strerror or str(exc) or type(exc).__name__
