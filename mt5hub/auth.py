@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from .config import TokenGrant
+from .config import TokenGrant, configured_digest, token_digest
 
 
 @attrs.frozen
@@ -29,12 +29,16 @@ def bearer_token(authorization: str | None, query_token: str | None) -> str | No
     return query_token or None
 
 
-def _find(token: str, candidates: Iterable[str]) -> int | None:
-    """Index of the matching token, comparing with every candidate so timing reveals nothing."""
+def _find(token: str, digests: Iterable[bytes]) -> int | None:
+    """Index of the matching token, comparing with every candidate so timing reveals nothing.
+
+    Only digests are compared (and kept): hub.toml may hold nothing but hashes, and a plain token
+    in it is hashed when the hub starts.
+    """
     found = None
-    given = token.encode()
-    for index, candidate in enumerate(candidates):
-        if hmac.compare_digest(given, candidate.encode()) and found is None:
+    given = token_digest(token)
+    for index, candidate in enumerate(digests):
+        if hmac.compare_digest(given, candidate) and found is None:
             found = index
     return found
 
@@ -44,13 +48,14 @@ class Authenticator:
         self, grants: Iterable[TokenGrant], viewer_tokens: Iterable[str], origins: Iterable[str]
     ) -> None:
         self._grants = tuple(grants)
-        self._viewer_tokens = tuple(viewer_tokens)
+        self._grant_digests = tuple(configured_digest(g.token) for g in self._grants)
+        self._viewer_digests = tuple(configured_digest(t) for t in viewer_tokens)
         self._origins = frozenset(o.rstrip("/").lower() for o in origins)
 
     def publisher(self, token: str | None) -> TokenGrant | Refusal:
         if token is None:
             return Refusal(401, "missing token: send Authorization: Bearer <token>")
-        index = _find(token, (g.token for g in self._grants))
+        index = _find(token, self._grant_digests)
         if index is None:
             return Refusal(403, "invalid token")
         return self._grants[index]
@@ -58,10 +63,10 @@ class Authenticator:
     def viewer(self, token: str | None, origin: str | None, host: str | None) -> Refusal | None:
         if origin is not None and not self._origin_allowed(origin, host):
             return Refusal(403, f"origin {origin!r} is not allowed")
-        if self._viewer_tokens:
+        if self._viewer_digests:
             if token is None:
                 return Refusal(401, "missing viewer token: add ?token=<token>")
-            if _find(token, self._viewer_tokens) is None:
+            if _find(token, self._viewer_digests) is None:
                 return Refusal(403, "invalid viewer token")
         return None
 

@@ -7,8 +7,10 @@ environment instead of the file, so that hub.toml can be committed.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,11 +23,36 @@ from .errors import ConfigError
 
 DEFAULT_TOKEN = "supersecret123"  # the seed's token: fine on loopback, refused on a public bind
 ANY_KEY = "*"
+HASHED = "sha256:"  # a token given as "sha256:<64 hex digits>" is stored as its hash only
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def token_digest(token: str) -> bytes:
+    """What the hub keeps of a token: its SHA-256.
+
+    Tokens are random (scripts/new_token.py draws 256 bits), so a fast hash is enough: nobody can
+    search that space, and a slow password hash would let anyone burn the hub's CPU with bad
+    handshakes.
+    """
+    return hashlib.sha256(token.encode()).digest()
+
+
+def configured_digest(value: str) -> bytes:
+    """The digest a configured token stands for: "sha256:<hex>" as given, a plain token hashed."""
+    if value.startswith(HASHED):
+        return bytes.fromhex(value[len(HASHED) :])
+    return token_digest(value)
+
+
+def hash_problem(value: str) -> str | None:
+    if value.startswith(HASHED) and not _HEX_DIGEST.fullmatch(value[len(HASHED) :]):
+        return "expected sha256: and 64 lowercase hex digits (scripts/new_token.py prints it)"
+    return None
 
 
 @attrs.frozen
 class TokenGrant:
-    """A publisher token and the table keys it may publish (`*`: any)."""
+    """A publisher token (plain, or "sha256:<hex>") and the table keys it may publish (`*`: any)."""
 
     token: str = attrs.field(repr=False)  # never logged
     keys: tuple[str, ...] = (ANY_KEY,)
@@ -77,6 +104,12 @@ class Settings:
             found.append("backplane_ttl: must be at least twice backplane_heartbeat")
         if not self.state_interval > 0:  # also refuses NaN
             found.append("state_interval: must be more than 0 seconds")
+        for n, grant in enumerate(self.tokens):
+            if problem := hash_problem(grant.token):
+                found.append(f"tokens[{n}] ({grant.name or 'unnamed'}): {problem}")
+        for n, viewer_token in enumerate(self.viewer_tokens):
+            if problem := hash_problem(viewer_token):
+                found.append(f"viewer_tokens[{n}]: {problem}")
         for name in ("max_viewers", "max_viewers_per_ip", "max_publishers"):
             if getattr(self, name) < 1:
                 found.append(f"{name}: must be at least 1")
@@ -101,10 +134,13 @@ _converter = cattrs.Converter(forbid_extra_keys=True)
 
 
 def _parse_tokens_env(value: str) -> list[dict[str, Any]]:
-    """`MT5HUB_TOKENS="tokA,tokB:EA1|EA2"`: comma-separated tokens, each maybe limited to keys."""
+    """`MT5HUB_TOKENS="tokA,sha256:<hex>:EA1|EA2"`: comma-separated tokens (plain or hashed),
+    each maybe limited to keys."""
     grants: list[dict[str, Any]] = []
     for n, entry in enumerate(filter(None, (e.strip() for e in value.split(","))), 1):
-        token, _, keys = entry.partition(":")
+        prefix = HASHED if entry.startswith(HASHED) else ""
+        token, _, keys = entry.removeprefix(prefix).partition(":")
+        token = prefix + token
         grants.append(
             {"token": token, "keys": keys.split("|") if keys else [ANY_KEY], "name": f"env#{n}"}
         )
@@ -173,7 +209,8 @@ def is_loopback_bind(bind: str) -> bool:
 def check_safe_to_serve(config: HubConfig) -> None:
     """Refuse the seed's well-known token anywhere but loopback: it is printed in every README."""
     public = [b for b in config.binds if not is_loopback_bind(b)]
-    default = [g for g in config.settings.tokens if g.token == DEFAULT_TOKEN]
+    well_known = token_digest(DEFAULT_TOKEN)  # refused hashed, too
+    default = [g for g in config.settings.tokens if configured_digest(g.token) == well_known]
     if public and default:
         raise ConfigError(
             f"refusing to start: the default publisher token is enabled and the hub binds "
