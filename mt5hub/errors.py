@@ -44,6 +44,13 @@ class TooSlow(HubError):
     reason = "viewer too slow"
 
 
+class Superseded(HubError):
+    """A newer connection with the same clientId took over this one's tables (a reconnect)."""
+
+    close_code = 4010
+    reason = "replaced by a newer connection"
+
+
 class ShuttingDown(HubError):
     close_code = 1001
     reason = "hub shutting down"

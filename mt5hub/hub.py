@@ -103,7 +103,7 @@ class TableState:
     seq: int = 0
     update: Frame | None = None
     # live connections of this process that published this table, and the clientId of each
-    publishers: dict[object, str] = attrs.Factory(dict)
+    publishers: dict[Publisher, str] = attrs.Factory(dict)
     # whether any hub has a live publisher of it, as the backplane last said (presence events)
     online: bool = False
     client_id: str = ""  # who published it last, or went on/offline with it
@@ -149,6 +149,13 @@ class Event:
     client_id: str = ""
     online: bool = True  # presence only: the table's new state
     seq: int | None = None  # update only: set by a shared backplane
+
+
+class Publisher(Protocol):
+    """A live publisher connection, as the hub sees it (a session, or a test's stand-in)."""
+
+    def superseded(self, client_id: str) -> None:
+        """A newer connection of this clientId took over this one's tables: end this one."""
 
 
 class Backplane(Protocol):
@@ -220,10 +227,14 @@ class Hub:
 
     # -- publishers -------------------------------------------------------------------------
 
-    def publish(self, publisher: object, message: Head, raw: dict[str, Any], raw_text: str) -> None:
+    def publish(
+        self, publisher: Publisher, message: Head, raw: dict[str, Any], raw_text: str
+    ) -> None:
         """Accept a validated publish (`raw`, parsed from `raw_text`) from a live publisher."""
         text = update_text(raw_text, raw, self.now_ms())  # may refuse it: before any state changes
         state = self._table(message.table)
+        if publisher not in state.publishers:
+            self._take_over(publisher, message.client_id, state)
         first = not state.publishers
         state.publishers[publisher] = message.client_id
         if first:
@@ -231,7 +242,21 @@ class Hub:
         event = Event("update", message.table, text, trio.current_time(), message.client_id)
         self.backplane.publish(self, event)
 
-    def publisher_gone(self, publisher: object) -> None:
+    def _take_over(self, publisher: Publisher, client_id: str, state: TableState) -> None:
+        """A new connection of a clientId that an older connection still holds this table for.
+
+        That is a reconnect (the EA's link dropped, and the hub has not noticed the old one die
+        yet), so the new connection wins: it inherits every table the old one holds, so presence
+        never flickers, and the old one is ended instead of lingering until publisher_timeout.
+        """
+        older = [p for p, c in state.publishers.items() if c == client_id]
+        for old in older:
+            for table in self.tables.values():
+                if (inherited := table.publishers.pop(old, None)) is not None:
+                    table.publishers[publisher] = inherited
+            old.superseded(client_id)
+
+    def publisher_gone(self, publisher: Publisher) -> None:
         """The connection closed or went silent: tables it was the last publisher of go offline."""
         for state in self.tables.values():
             client_id = state.publishers.pop(publisher, None)

@@ -25,6 +25,7 @@ from .errors import (
     HubError,
     ProtocolError,
     ShuttingDown,
+    Superseded,
     TooSlow,
 )
 from .hub import Frame, Hub, Mailbox, encode
@@ -35,6 +36,7 @@ log = logging.getLogger("mt5hub")
 WRITE_BATCH_BYTES = 64 * 1024  # a writer sends what is pending, up to this much, in one go
 PUBLISHER_OUTBOX = 16  # error frames and pings; a publisher that never reads loses some of them
 CLOSE_GRACE = 1.0  # seconds to get a close frame out before giving up on a peer
+REFUSAL_LOG_INTERVAL = 10.0  # a connection's refused frames: one log line per this, at most
 
 
 class Transport(Protocol):
@@ -51,6 +53,9 @@ class Transport(Protocol):
         """Write these frames in order; may block (uncancellably) while the peer reads nothing."""
 
     async def close(self, code: int, reason: str) -> None: ...
+
+    async def stopping(self) -> None:
+        """Return once the server begins a graceful shutdown (never, if it cannot tell)."""
 
     def abort(self) -> None:
         """Drop the connection now, so that a `send` stuck on a full socket returns."""
@@ -118,6 +123,8 @@ class Session:
         self._sending_since: float | None = None
         self._sent = trio.Event()  # set when the send in progress (if any) returns
         self._scope = trio.CancelScope()
+        self._refusal_logged_at = -math.inf
+        self._refusals_unlogged = 0
 
     async def run(self) -> None:
         metrics = self.hub.metrics
@@ -129,6 +136,7 @@ class Session:
                     nursery.start_soon(self._read)
                     nursery.start_soon(self._write)
                     nursery.start_soon(self._watch)
+                    nursery.start_soon(self._until_stopping)
         except BaseException as exc:
             # Cancelled from outside: the server is stopping (when the peer leaves, the framework
             # cancels us too, but then there is nobody to tell). Anything else is our bug.
@@ -182,6 +190,16 @@ class Session:
     def ended(self) -> None:
         """Hook for subclasses: the connection is over."""
 
+    async def _until_stopping(self) -> None:
+        """Say 1001 as soon as the server starts to stop.
+
+        Hypercorn waits `graceful_timeout` for connections to end by themselves, then cancels
+        them; a WebSocket never ends by itself, so every shutdown would take the whole grace
+        period, and clients would learn of it last.
+        """
+        await self.transport.stopping()
+        self.fail(ShuttingDown())
+
     async def _read(self) -> None:
         while True:
             frame = await self.transport.receive()
@@ -195,6 +213,7 @@ class Session:
                 self.handle(frame)
             except ProtocolError as exc:
                 self.hub.metrics.rejects.labels(exc.code).inc()
+                self._log_refusal(exc)
                 self.outbox.put(
                     Frame(encode({"type": "error", "code": exc.code, "detail": exc.detail}))
                 )
@@ -204,6 +223,25 @@ class Session:
 
     def handle(self, frame: str | bytes) -> None:
         raise NotImplementedError
+
+    def _log_refusal(self, exc: ProtocolError) -> None:
+        """One line for a connection's first refused frame, then one per REFUSAL_LOG_INTERVAL
+        with the count of those in between: a peer that sends nothing but junk cannot flood the
+        log, and the operator still learns who sends what."""
+        now = trio.current_time()
+        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+            return
+        more = self._refusals_unlogged
+        self._refusal_logged_at, self._refusals_unlogged = now, 0
+        log.warning(
+            "%s %s: refused a frame, %s: %s%s",
+            self.role,
+            self.peer,
+            exc.code,
+            exc.detail[:200],
+            f" (and {more} more since the last line)" if more else "",
+        )
 
     async def _write(self) -> None:
         metrics = self.hub.metrics
@@ -305,6 +343,9 @@ class PublisherSession(Session):
 
     def ended(self) -> None:
         self.hub.publisher_gone(self)
+
+    def superseded(self, client_id: str) -> None:
+        self.fail(Superseded(f"clientId {client_id!r} connected again"))
 
     def handle(self, frame: str | bytes) -> None:
         if len(frame) > self.max_frame_bytes:  # Hypercorn enforces it first; this is for tests

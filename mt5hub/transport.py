@@ -93,6 +93,14 @@ class Link:
                 self._raw_ok, self.deflate_bits = _negotiated_deflate(self.asgi_send)
         return self._server if self._raw_ok else None
 
+    async def server_stopping(self) -> None:
+        """Wait for Hypercorn's `terminated` event: set when its graceful shutdown begins."""
+        context = getattr(_find_tcp_server(self.asgi_send), "context", None)
+        terminated = getattr(context, "terminated", None)
+        if terminated is None:
+            await trio.sleep_forever()  # cannot tell: Hypercorn cancels us at the end of grace
+        await terminated.wait()
+
     def _socket(self) -> trio.socket.SocketType | None:
         server = _find_tcp_server(self.asgi_send)
         if server is None:
@@ -243,6 +251,9 @@ class QuartTransport:
 
     def abort(self) -> None:
         self._link.abort()
+
+    async def stopping(self) -> None:
+        await self._link.server_stopping()
 
     def limit_send_buffer(self, size: int) -> None:
         self._link.limit_send_buffer(size)

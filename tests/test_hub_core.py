@@ -37,6 +37,7 @@ class MemoryTransport:
         self.closed_with: tuple[int, str] | None = None
         self.aborted = False
         self.peer_closed = False
+        self.server_stops = trio.Event()
 
     async def receive(self) -> str | bytes | None:
         try:
@@ -60,6 +61,9 @@ class MemoryTransport:
     def abort(self) -> None:
         self.aborted = True
         self._to_peer.close()
+
+    async def stopping(self) -> None:
+        await self.server_stops.wait()
 
     # the peer's side
     async def say(self, obj: Any) -> None:
@@ -388,6 +392,26 @@ async def test_cancelled_sessions_close_with_1001(autojump_clock: MockClock) -> 
         outer.cancel_scope.cancel()
     assert transport.closed_with == (1001, "hub shutting down")
     assert not hub.viewers
+
+
+async def test_when_the_server_starts_to_stop_every_session_says_1001_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    hub = Hub()
+    viewer_side, publisher_side = MemoryTransport(10), MemoryTransport(10)
+    grant = SETTINGS.tokens[0]
+    async with trio.open_nursery() as outer:
+        outer.start_soon(ViewerSession(hub, viewer_side, SETTINGS, "v").run)
+        outer.start_soon(
+            PublisherSession(hub, publisher_side, SETTINGS, "p", grant, Decoder(500), 2**20).run
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        viewer_side.server_stops.set()
+        publisher_side.server_stops.set()
+    assert trio.current_time() == start  # not at the end of any grace period: now
+    assert viewer_side.closed_with == publisher_side.closed_with == (1001, "hub shutting down")
+    assert not hub.viewers and hub.publishers == 0
 
 
 async def test_shutdown_aborts_a_viewer_stuck_in_a_send(

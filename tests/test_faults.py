@@ -1,0 +1,350 @@
+"""Faults on a real hub: links that drop mid-frame, EAs that reconnect, two EAs on one table, a
+publisher flooding at 10,000 frames/s, and a shutdown while everything is busy.
+
+Publishers that must misbehave at the byte level (half a frame, then silence or a reset; frames
+pre-built and written as fast as the socket takes them) are wsproto clients over a raw trio
+socket; everyone else is a trio-websocket client, as in test_hub_server.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from conftest import TOKEN, RunningHub
+from helpers import publish_frame, publisher, receive, viewer
+from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    Ping,
+    Request,
+    TextMessage,
+)
+
+HubFactory = Callable[..., RunningHub]
+DEADLINE = 60.0  # stops a test that would hang; nothing here takes that long on an idle machine
+
+
+class RawPublisher:
+    """A publisher over a bare socket: it can stop anywhere, even in the middle of a frame."""
+
+    def __init__(self, stream: trio.SocketStream, ws: WSConnection) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.closed_with: int | None = None
+        self.messages: list[dict[str, Any]] = []
+
+    def frame(self, text: str) -> bytes:
+        return self.ws.send(Message(data=text))
+
+    async def send(self, text: str) -> None:
+        await self.stream.send_all(self.frame(text))
+
+    async def read_until_closed(self) -> int:
+        """Read what the hub says until it closes; its close code."""
+        with trio.fail_after(DEADLINE):
+            while self.closed_with is None:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise AssertionError("connection dropped without a close frame")
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, CloseConnection):
+                        self.closed_with = event.code
+                    elif isinstance(event, TextMessage):
+                        self.messages.append(json.loads(event.data))
+                    elif isinstance(event, Ping):
+                        await self.stream.send_all(self.ws.send(event.response()))
+        return self.closed_with
+
+    def reset(self) -> None:
+        """Drop the link with a TCP reset, as a router losing the connection would look."""
+        sock = self.stream.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+@asynccontextmanager
+async def raw_publisher(hub: RunningHub) -> AsyncIterator[RawPublisher]:
+    stream = await trio.open_tcp_stream("127.0.0.1", hub.http_port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    request = Request(
+        host="127.0.0.1",
+        target="/ws/dll",
+        extra_headers=[(b"authorization", f"Bearer {TOKEN}".encode())],
+    )
+    await stream.send_all(ws.send(request))  # wsproto writes the handshake and the frames
+    with trio.fail_after(DEADLINE):
+        accepted = False
+        while not accepted:
+            ws.receive_data(await stream.receive_some(65536))
+            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+    try:
+        yield RawPublisher(stream, ws)
+    finally:
+        if stream.socket.fileno() != -1:
+            await stream.aclose()
+
+
+async def presence_and_updates(view: WebSocketConnection, into: list[dict[str, Any]]) -> None:
+    """Record every update and presence the viewer gets (pings answered by `receive`)."""
+    while True:
+        into.append(await receive(view, "update", "presence", timeout=DEADLINE * 2))
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    with trio.fail_after(DEADLINE):
+        while not condition():
+            await trio.sleep(0.02)
+
+
+def _events(seen: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """(type, online or the value published, clientId) of each message."""
+    return [
+        (
+            m["type"],
+            m["online"] if "online" in m else m["data"][0]["TF_data"][0]["M1"],
+            m["clientId"],
+        )
+        for m in seen
+    ]
+
+
+# -- a link that drops, and the EA that comes back ---------------------------------------------
+
+
+async def test_an_ea_whose_link_went_silent_mid_frame_reconnects_and_the_new_connection_wins(
+    hub: RunningHub,
+) -> None:
+    """The old connection is half-open (no FIN, no RST: the hub cannot know it is dead)."""
+    seen: list[dict[str, Any]] = []
+    async with viewer(hub.ws_url) as view, trio.open_nursery() as nursery:
+        await receive(view, "snapshot")
+        nursery.start_soon(presence_and_updates, view, seen)
+        async with raw_publisher(hub) as old:
+            await old.send(publish_frame(client_id="EA1_77", value=1.0))
+            await until(lambda: len(seen) == 2, "online, then the first update")
+            half = old.frame(publish_frame(client_id="EA1_77", value=2.0))
+            await old.stream.send_all(half[: len(half) // 2])  # and then the link goes quiet
+            async with publisher(hub.ws_url) as new:
+                await new.send_message(publish_frame(client_id="EA1_77", value=3.0))
+                # The hub ends the old connection at once, with a close code that says why...
+                assert await old.read_until_closed() == 4010
+                await until(lambda: len(seen) == 3, "the new connection's update")
+                await new.send_message(publish_frame(client_id="EA1_77", value=4.0))
+                await until(lambda: len(seen) == 4, "and its next one")
+            await until(lambda: len(seen) == 5, "offline when the new connection leaves")
+        nursery.cancel_scope.cancel()
+    # ...the table never went offline in between, and half a frame never reached anyone.
+    assert _events(seen) == [
+        ("presence", True, "EA1_77"),
+        ("update", 1.0, "EA1_77"),
+        ("update", 3.0, "EA1_77"),
+        ("update", 4.0, "EA1_77"),
+        ("presence", False, "EA1_77"),
+    ]
+    assert [m["seq"] for m in seen if m["type"] == "update"] == [1, 2, 3]
+    log = hub.log()
+    assert sum("closed 4010" in line and "EA1_77" in line for line in log.splitlines()) == 1
+
+
+async def test_an_ea_whose_link_reset_mid_frame_goes_offline_then_back_with_nothing_lost(
+    hub: RunningHub,
+) -> None:
+    seen: list[dict[str, Any]] = []
+    async with viewer(hub.ws_url) as view, trio.open_nursery() as nursery:
+        await receive(view, "snapshot")
+        nursery.start_soon(presence_and_updates, view, seen)
+        async with raw_publisher(hub) as old:
+            await old.send(publish_frame(client_id="EA1_78", value=1.0))
+            await until(lambda: len(seen) == 2, "online, then the first update")
+            half = old.frame(publish_frame(client_id="EA1_78", value=2.0))
+            await old.stream.send_all(half[: len(half) // 2])
+            old.reset()
+            await until(lambda: len(seen) == 3, "offline: the hub saw the reset")
+        async with publisher(hub.ws_url) as new:
+            await new.send_message(publish_frame(client_id="EA1_78", value=5.0))
+            await until(lambda: len(seen) == 5, "online again, and the new update")
+        nursery.cancel_scope.cancel()
+    assert [(t, v) for t, v, _ in _events(seen)] == [
+        ("presence", True),
+        ("update", 1.0),
+        ("presence", False),
+        ("presence", True),
+        ("update", 5.0),
+    ]
+    async with viewer(hub.ws_url) as late:  # the snapshot holds the latest publish, seq 2
+        (table,) = (await receive(late, "snapshot"))["tables"]
+        assert (table["seq"], table["data"][0]["TF_data"][0]["M1"], table["online"]) == (
+            2,
+            5.0,
+            False,
+        )
+
+
+async def test_two_eas_on_one_table_last_writer_wins_and_each_update_names_its_client(
+    hub: RunningHub,
+) -> None:
+    seen: list[dict[str, Any]] = []
+    async with viewer(hub.ws_url) as view, trio.open_nursery() as nursery:
+        await receive(view, "snapshot")
+        nursery.start_soon(presence_and_updates, view, seen)
+        async with publisher(hub.ws_url) as a:
+            await a.send_message(publish_frame(client_id="EA1_a", value=1.0))
+            await until(lambda: len(seen) == 2, "online, then a's update")
+            async with publisher(hub.ws_url) as b:
+                await b.send_message(publish_frame(client_id="EA1_b", value=2.0))
+                await until(lambda: len(seen) == 3, "b's update")
+                await a.send_message(publish_frame(client_id="EA1_a", value=3.0))
+                await until(lambda: len(seen) == 4, "a's second update")
+                async with viewer(hub.ws_url) as late:
+                    (table,) = (await receive(late, "snapshot"))["tables"]
+                    assert (table["clientId"], table["seq"]) == ("EA1_a", 3)  # the last write
+            # b left; a still publishes the table: no presence, it stays online
+            await a.send_message(publish_frame(client_id="EA1_a", value=4.0))
+            await until(lambda: len(seen) == 5, "a's update after b left")
+        await until(lambda: len(seen) == 6, "offline when the last one leaves")
+        nursery.cancel_scope.cancel()
+    assert [(t, c) for t, _, c in _events(seen)] == [
+        ("presence", "EA1_a"),
+        ("update", "EA1_a"),
+        ("update", "EA1_b"),
+        ("update", "EA1_a"),
+        ("update", "EA1_a"),
+        ("presence", "EA1_a"),
+    ]
+    assert seen[-1]["online"] is False
+
+
+# -- a flood at 10,000 frames/s ----------------------------------------------------------------
+
+
+async def test_a_publisher_at_10000_frames_a_second_is_limited_then_closed_1008_and_nobody_notices(
+    hub_factory: HubFactory,
+) -> None:
+    hub = hub_factory(rate_limit=50, rate_burst=100, flood_seconds=2)
+    polite_sums: list[float] = []
+    async with (
+        viewer(hub.ws_url) as view,
+        publisher(hub.ws_url) as polite,
+        raw_publisher(hub) as flood,
+    ):
+        await receive(view, "snapshot")
+        batch = b"".join(
+            flood.frame(publish_frame(key="FLOOD", pairs=["EURUSD"])) for _ in range(100)
+        )
+        sent = 0
+        started = time.monotonic()
+
+        async def blast() -> None:
+            nonlocal sent
+            try:
+                while flood.closed_with is None:  # 100 frames per write, paced to 10,000/s
+                    await flood.stream.send_all(batch)
+                    sent += 100
+                    await trio.sleep_until(started + sent / 10_000)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the hub closed it: read_until_closed has the code
+
+        async def keep_publishing() -> None:
+            for n in range(1, 1000):
+                await polite.send_message(publish_frame(key="POLITE", value=n))
+                polite_sums.append(n)
+                await trio.sleep(0.1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blast)
+            nursery.start_soon(keep_publishing)
+            code = await flood.read_until_closed()
+            elapsed = time.monotonic() - started
+            nursery.cancel_scope.cancel()
+        last = polite_sums[-1]
+        while True:  # the viewer gets the polite EA's latest update, whatever the flood did
+            update = await receive(view, "update", timeout=DEADLINE)
+            if update["key"] == "POLITE" and update["data"][0]["TF_data"][0]["M1"] == last:
+                break
+    assert code == 1008
+    notices = [m for m in flood.messages if m["type"] == "error"]
+    assert notices and {m["code"] for m in notices} == {"rate_limited"}
+    assert len(notices) <= elapsed + 1  # at most one notice a second, not one per frame
+    print(
+        f"\nflood: {sent} frames in {elapsed:.1f} s ({sent / elapsed:,.0f}/s), closed 1008 after "
+        f"{elapsed:.1f} s; {len(notices)} rate_limited notices; polite EA's latest delivered"
+    )
+    lines = [line for line in hub.log().splitlines() if "FLOOD" in line or "1008" in line]
+    assert sum("closed 1008" in line for line in lines) == 1
+
+
+# -- shutting down while busy ------------------------------------------------------------------
+
+
+async def test_shutdown_under_load_closes_everyone_with_1001_and_exits_within_the_grace_period(
+    hub_factory: HubFactory,
+) -> None:
+    grace = 10.0  # long: the hub must not need it, because it says 1001 the moment it stops
+    hub = hub_factory(graceful_timeout=grace)
+    codes: dict[str, int | None] = {}
+
+    async def publish_until_closed(name: str, ws: WebSocketConnection) -> None:
+        n = 0
+        try:
+            while True:
+                n += 1
+                await ws.send_message(publish_frame(key=name, value=n))
+                await trio.sleep(0.02)  # 50/s, at the default rate limit
+        except ConnectionClosed as closed:
+            codes[name] = closed.reason.code if closed.reason else None
+
+    async def read_until_closed(name: str, ws: WebSocketConnection) -> None:
+        try:
+            while True:
+                await ws.get_message()
+        except ConnectionClosed as closed:
+            codes[name] = closed.reason.code if closed.reason else None
+
+    async def tables() -> int:
+        return int((await trio.to_thread.run_sync(hub.health))["tables"])
+
+    async with trio.open_nursery() as nursery:
+        for n in range(5):
+            ws = await nursery.start(_open, functools.partial(publisher, hub.ws_url))
+            nursery.start_soon(publish_until_closed, f"EA{n}", ws)
+        for n in range(30):
+            url = hub.wss_url if n % 2 else hub.ws_url
+            context = hub.client_ssl_context() if n % 2 else None
+            ws = await nursery.start(_open, functools.partial(viewer, url, context))
+            nursery.start_soon(read_until_closed, f"viewer{n}", ws)
+        with trio.fail_after(DEADLINE):
+            while await tables() < 5:
+                await trio.sleep(0.05)
+        started = time.monotonic()
+        # stop() sends SIGTERM and waits; past its timeout it raises (and kills the hub).
+        exit_code = await trio.to_thread.run_sync(functools.partial(hub.stop, timeout=grace + 10))
+        stopped = time.monotonic() - started
+        await until(lambda: len(codes) == 35, "every client told")
+        nursery.cancel_scope.cancel()
+    assert exit_code == 0  # Hypercorn exits cleanly: no task outlived the grace period
+    assert codes == {name: 1001 for name in codes}
+    assert stopped < grace  # everyone was told at once, not cancelled when the grace ran out
+    log = hub.log()
+    assert "Traceback" not in log and "internal error" not in log
+    print(f"\nSIGTERM to exit under load (5 EAs at 50/s, 30 viewers): {stopped:.2f} s")
+
+
+async def _open(
+    connect: Callable[[], Any], task_status: trio.TaskStatus[WebSocketConnection]
+) -> None:
+    """Hold a connection open for the nursery's life; hand it over once it is up."""
+    async with connect() as ws:
+        task_status.started(ws)
+        await trio.sleep_forever()
