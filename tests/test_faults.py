@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 from conftest import TOKEN, RunningHub
-from helpers import publish_frame, publisher, receive, viewer
+from helpers import health, publish_frame, publisher, receive, viewer, wait_for
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -102,12 +102,6 @@ async def presence_and_updates(view: WebSocketConnection, into: list[dict[str, A
         into.append(await receive(view, "update", "presence", timeout=DEADLINE * 2))
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    with trio.fail_after(DEADLINE):
-        while not condition():
-            await trio.sleep(0.02)
-
-
 def _events(seen: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """(type, online or the value published, clientId) of each message."""
     return [
@@ -133,17 +127,17 @@ async def test_an_ea_whose_link_went_silent_mid_frame_reconnects_and_the_new_con
         nursery.start_soon(presence_and_updates, view, seen)
         async with raw_publisher(hub) as old:
             await old.send(publish_frame(client_id="EA1_77", value=1.0))
-            await until(lambda: len(seen) == 2, "online, then the first update")
+            await wait_for(lambda: len(seen) == 2, "online, then the first update")
             half = old.frame(publish_frame(client_id="EA1_77", value=2.0))
             await old.stream.send_all(half[: len(half) // 2])  # and then the link goes quiet
             async with publisher(hub.ws_url) as new:
                 await new.send_message(publish_frame(client_id="EA1_77", value=3.0))
                 # The hub ends the old connection at once, with a close code that says why...
                 assert await old.read_until_closed() == 4010
-                await until(lambda: len(seen) == 3, "the new connection's update")
+                await wait_for(lambda: len(seen) == 3, "the new connection's update")
                 await new.send_message(publish_frame(client_id="EA1_77", value=4.0))
-                await until(lambda: len(seen) == 4, "and its next one")
-            await until(lambda: len(seen) == 5, "offline when the new connection leaves")
+                await wait_for(lambda: len(seen) == 4, "and its next one")
+            await wait_for(lambda: len(seen) == 5, "offline when the new connection leaves")
         nursery.cancel_scope.cancel()
     # ...the table never went offline in between, and half a frame never reached anyone.
     assert _events(seen) == [
@@ -167,14 +161,14 @@ async def test_an_ea_whose_link_reset_mid_frame_goes_offline_then_back_with_noth
         nursery.start_soon(presence_and_updates, view, seen)
         async with raw_publisher(hub) as old:
             await old.send(publish_frame(client_id="EA1_78", value=1.0))
-            await until(lambda: len(seen) == 2, "online, then the first update")
+            await wait_for(lambda: len(seen) == 2, "online, then the first update")
             half = old.frame(publish_frame(client_id="EA1_78", value=2.0))
             await old.stream.send_all(half[: len(half) // 2])
             old.reset()
-            await until(lambda: len(seen) == 3, "offline: the hub saw the reset")
+            await wait_for(lambda: len(seen) == 3, "offline: the hub saw the reset")
         async with publisher(hub.ws_url) as new:
             await new.send_message(publish_frame(client_id="EA1_78", value=5.0))
-            await until(lambda: len(seen) == 5, "online again, and the new update")
+            await wait_for(lambda: len(seen) == 5, "online again, and the new update")
         nursery.cancel_scope.cancel()
     assert [(t, v) for t, v, _ in _events(seen)] == [
         ("presence", True),
@@ -201,19 +195,19 @@ async def test_two_eas_on_one_table_last_writer_wins_and_each_update_names_its_c
         nursery.start_soon(presence_and_updates, view, seen)
         async with publisher(hub.ws_url) as a:
             await a.send_message(publish_frame(client_id="EA1_a", value=1.0))
-            await until(lambda: len(seen) == 2, "online, then a's update")
+            await wait_for(lambda: len(seen) == 2, "online, then a's update")
             async with publisher(hub.ws_url) as b:
                 await b.send_message(publish_frame(client_id="EA1_b", value=2.0))
-                await until(lambda: len(seen) == 3, "b's update")
+                await wait_for(lambda: len(seen) == 3, "b's update")
                 await a.send_message(publish_frame(client_id="EA1_a", value=3.0))
-                await until(lambda: len(seen) == 4, "a's second update")
+                await wait_for(lambda: len(seen) == 4, "a's second update")
                 async with viewer(hub.ws_url) as late:
                     (table,) = (await receive(late, "snapshot"))["tables"]
                     assert (table["clientId"], table["seq"]) == ("EA1_a", 3)  # the last write
             # b left; a still publishes the table: no presence, it stays online
             await a.send_message(publish_frame(client_id="EA1_a", value=4.0))
-            await until(lambda: len(seen) == 5, "a's update after b left")
-        await until(lambda: len(seen) == 6, "offline when the last one leaves")
+            await wait_for(lambda: len(seen) == 5, "a's update after b left")
+        await wait_for(lambda: len(seen) == 6, "offline when the last one leaves")
         nursery.cancel_scope.cancel()
     assert [(t, c) for t, _, c in _events(seen)] == [
         ("presence", "EA1_a"),
@@ -312,9 +306,6 @@ async def test_shutdown_under_load_closes_everyone_with_1001_and_exits_within_th
         except ConnectionClosed as closed:
             codes[name] = closed.reason.code if closed.reason else None
 
-    async def tables() -> int:
-        return int((await trio.to_thread.run_sync(hub.health))["tables"])
-
     async with trio.open_nursery() as nursery:
         for n in range(5):
             ws = await nursery.start(_open, functools.partial(publisher, hub.ws_url))
@@ -324,14 +315,12 @@ async def test_shutdown_under_load_closes_everyone_with_1001_and_exits_within_th
             context = hub.client_ssl_context() if n % 2 else None
             ws = await nursery.start(_open, functools.partial(viewer, url, context))
             nursery.start_soon(read_until_closed, f"viewer{n}", ws)
-        with trio.fail_after(DEADLINE):
-            while await tables() < 5:
-                await trio.sleep(0.05)
+        await wait_for(lambda: _has_tables(hub, 5), "every EA publishing")
         started = time.monotonic()
         # stop() sends SIGTERM and waits; past its timeout it raises (and kills the hub).
         exit_code = await trio.to_thread.run_sync(functools.partial(hub.stop, timeout=grace + 10))
         stopped = time.monotonic() - started
-        await until(lambda: len(codes) == 35, "every client told")
+        await wait_for(lambda: len(codes) == 35, "every client told")
         nursery.cancel_scope.cancel()
     assert exit_code == 0  # Hypercorn exits cleanly: no task outlived the grace period
     assert codes == {name: 1001 for name in codes}
@@ -339,6 +328,10 @@ async def test_shutdown_under_load_closes_everyone_with_1001_and_exits_within_th
     log = hub.log()
     assert "Traceback" not in log and "internal error" not in log
     print(f"\nSIGTERM to exit under load (5 EAs at 50/s, 30 viewers): {stopped:.2f} s")
+
+
+async def _has_tables(hub: RunningHub, count: int) -> bool:
+    return bool((await health(hub))["tables"] == count)
 
 
 async def _open(

@@ -8,15 +8,13 @@ that would otherwise wait forever for a behaviour that never comes.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,19 @@ from conftest import (
     free_port,
     write_hub_files,
 )
-from helpers import publish_frame, publisher, receive, table_rows, viewer
+from helpers import (
+    close_reason,
+    health,
+    metric,
+    metrics,
+    publish_frame,
+    publisher,
+    receive,
+    stalled_viewer,
+    table_rows,
+    viewer,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import (
     CloseReason,
@@ -54,38 +64,6 @@ GRACEFUL_TIMEOUT = 2.0  # conftest's hub.toml
 # -- helpers -----------------------------------------------------------------------------------
 
 
-async def health(hub: RunningHub) -> dict[str, Any]:
-    """GET /healthz without blocking the event loop the test's clients run on."""
-    return await trio.to_thread.run_sync(hub.health)
-
-
-async def metrics(hub: RunningHub) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """GET /metrics, parsed: {(sample name, sorted labels): value}."""
-    status, text = await trio.to_thread.run_sync(hub.get, "/metrics")
-    assert status == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-async def metric(hub: RunningHub, name: str, **labels: str) -> float:
-    return (await metrics(hub)).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = DEADLINE
-) -> None:
-    """Poll until `check()` holds; fail (naming `what`) if it never does."""
-    try:
-        with trio.fail_after(timeout):
-            while not await check():
-                await trio.sleep(0.05)
-    except trio.TooSlowError:
-        raise AssertionError(f"never happened: {what}") from None
-
-
 async def rejection(url: str, **kwargs: Any) -> ConnectionRejected:
     """Open a WebSocket that the hub must refuse at the handshake; the HTTP answer."""
     with trio.fail_after(DEADLINE), pytest.raises(ConnectionRejected) as refused:
@@ -100,51 +78,12 @@ async def synced(pub: WebSocketConnection) -> None:
     await receive(pub, "pong", timeout=DEADLINE)
 
 
-async def close_reason(ws: WebSocketConnection, timeout: float = DEADLINE) -> CloseReason:
-    """Read (and drop) messages until the hub closes the connection; how it closed it."""
-    with trio.fail_after(timeout):
-        try:
-            while True:
-                await ws.get_message()
-        except ConnectionClosed as closed:
-            assert closed.reason is not None
-            return closed.reason
-
-
 async def next_update(ws: WebSocketConnection, key: str | None = None) -> dict[str, Any]:
     """The next update (of `key`, if given), skipping presence and other tables."""
     while True:
         message = await receive(ws, "update", timeout=DEADLINE)
         if key is None or message["key"] == key:
             return message
-
-
-@asynccontextmanager
-async def stalled_viewer(port: int) -> AsyncIterator[trio.SocketStream]:
-    """A viewer that completes the handshake and then never reads a byte.
-
-    A raw socket with a small receive buffer (set before connecting, so the TCP window stays
-    small), so that the hub's side of it fills after a few frames.
-    """
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    async with stream:
-        await stream.send_all(request.encode())
-        head = b""
-        with trio.fail_after(DEADLINE):
-            while b"\r\n\r\n" not in head:  # one byte at a time: read nothing past the head
-                byte = await stream.receive_some(1)
-                assert byte, f"hub closed during the handshake: {head!r}"
-                head += byte
-        assert head.startswith(b"HTTP/1.1 101"), head
-        yield stream
 
 
 def big_frame(n: int, rows: int) -> str:

@@ -12,12 +12,11 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import trio
 from conftest import IN_CI, TOKEN, RunningHub
-from helpers import publish_frame, publisher, receive, viewer
+from helpers import health, publish_frame, publisher, receive, viewer
 from trio_websocket import WebSocketConnection
 
 from mt5hub.limits import Limits, LogThrottle, client_ip
@@ -74,17 +73,13 @@ def _count(hub: RunningHub, needle: str) -> int:
     return sum(needle in line for line in hub.log().splitlines())
 
 
-async def _health(hub: RunningHub) -> dict[str, Any]:
-    return await trio.to_thread.run_sync(hub.health)
-
-
 async def _wait_for_viewers(hub: RunningHub, count: int) -> float:
     """Seconds until the hub counts this many viewers (it may be too busy to answer at first)."""
     started = time.monotonic()
     with trio.fail_after(DEADLINE):
         while True:
             try:
-                if (await _health(hub))["viewers"] == count:
+                if (await health(hub))["viewers"] == count:
                     return time.monotonic() - started
             except OSError:  # /healthz took over 5 s: the hub is still busy closing
                 pass
@@ -207,7 +202,7 @@ async def test_5000_idle_connections_at_once_are_held_up_to_the_limit_and_the_re
 
     async with viewer(hub.ws_url) as healthy, publisher(hub.ws_url) as pub:
         await receive(healthy, "snapshot")
-        rss_before = (await _health(hub))["rss_bytes"]
+        rss_before = (await health(hub))["rss_bytes"]
         done = trio.Event()
         sent: list[int] = []
         seen: list[tuple[float, float]] = []
@@ -227,15 +222,15 @@ async def test_5000_idle_connections_at_once_are_held_up_to_the_limit_and_the_re
                 nursery.cancel_scope.cancel()
         gaps = [b[0] - a[0] for a, b in itertools.pairwise(seen)]
         assert statuses == {101: 2999, 503: 2001}  # the healthy viewer holds one slot
-        health = await _health(hub)
-        assert health["viewers"] == 3000
+        held = await health(hub)
+        assert held["viewers"] == 3000
         # And a new EA still gets in.
         async with publisher(hub.ws_url) as late:
             await late.send_message(publish_frame(src="LATE", value=3.0))
             assert (await receive(healthy, "update"))["src"] == "LATE"
         print(
             f"\n5000 connections in {opened:.1f} s; hub RSS {rss_before / 2**20:.0f} MiB before, "
-            f"{health['rss_bytes'] / 2**20:.0f} MiB holding 3000 viewers; the healthy viewer got "
+            f"{held['rss_bytes'] / 2**20:.0f} MiB holding 3000 viewers; the healthy viewer got "
             f"{len(seen)} of {len(sent)} updates, longest gap {max(gaps, default=0):.2f} s "
             "(published every 0.5 s)"
         )
@@ -263,7 +258,7 @@ async def test_a_viewer_flood_never_locks_out_publishers_which_have_their_own_ca
         assert status == 503 and fields["retry-after"] == "5"
         await first.send_message(publish_frame())
         with trio.fail_after(DEADLINE):
-            while (await _health(hub))["tables"] != 1:
+            while (await health(hub))["tables"] != 1:
                 await trio.sleep(0.05)
     # A bad token is refused for the token, never counted against the publishers' cap.
     status, _, _ = await raw_handshake(hub.http_port, "127.0.0.4", "/ws/dll")
