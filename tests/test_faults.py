@@ -14,12 +14,21 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
 from conftest import TOKEN, RunningHub
-from helpers import health, publish_frame, publisher, receive, viewer, wait_for
+from helpers import (
+    health,
+    metric,
+    publish_frame,
+    publisher,
+    receive,
+    stalled_viewer,
+    viewer,
+    wait_for,
+)
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -341,3 +350,46 @@ async def _open(
     async with connect() as ws:
         task_status.started(ws)
         await trio.sleep_forever()
+
+
+# -- viewers that never read -------------------------------------------------------------------
+
+
+async def test_viewers_that_never_read_are_conflated_then_dropped_and_memory_stays_bounded(
+    hub_factory: HubFactory,
+) -> None:
+    hub = hub_factory(slow_viewer_timeout=3, viewer_timeout=3600, rate_limit=100, rate_burst=100)
+    pairs = [f"PAIR{n:02}" for n in range(28)]  # a full 28 x 9 table, ~11 KB a frame
+    async with AsyncExitStack() as stack:
+        healthy = await stack.enter_async_context(viewer(hub.ws_url))
+        pub = await stack.enter_async_context(publisher(hub.ws_url))
+        await receive(healthy, "snapshot")
+        rss = [(await health(hub))["rss_bytes"]]
+        for _ in range(20):
+            await stack.enter_async_context(stalled_viewer(hub.http_port))
+        await wait_for(lambda: _has_viewers(hub, 21), "the stalled viewers connected")
+        n = 0
+        while not await _has_viewers(hub, 1):  # 50 updates/s until every stalled one is gone
+            assert n < 5000, "the stalled viewers were never disconnected"
+            n += 1
+            await pub.send_message(publish_frame(pairs=pairs, value=n))
+            await trio.sleep(0.02)
+            if n % 25 == 0:
+                rss.append((await health(hub))["rss_bytes"])
+        while (await receive(healthy, "update"))["data"][0]["TF_data"][0]["M1"] != n:
+            pass  # the healthy viewer ends with the latest state
+        after = (await health(hub))["rss_bytes"]
+    assert await metric(hub, "mt5hub_closes_total", role="viewer", code="4009") == 20
+    assert await metric(hub, "mt5hub_conflated_total") > 0  # they fell behind and were conflated
+    assert await metric(hub, "mt5hub_dropped_total", role="viewer") == 0  # not dropped blindly
+    mib = 2**20
+    assert max(rss) - rss[0] < 64 * mib  # a mailbox holds at most 64 frames, shared by all
+    print(
+        f"\n20 viewers that never read, {n} updates of {len(publish_frame(pairs=pairs)):,} bytes:"
+        f" hub RSS {rss[0] / mib:.0f} MiB before, {max(rss) / mib:.0f} MiB at most, "
+        f"{after / mib:.0f} MiB after they were dropped"
+    )
+
+
+async def _has_viewers(hub: RunningHub, count: int) -> bool:
+    return bool((await health(hub))["viewers"] == count)
