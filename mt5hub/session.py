@@ -29,6 +29,7 @@ from .errors import (
     TooSlow,
 )
 from .hub import Frame, Hub, Mailbox, encode
+from .limits import LogThrottle
 from .models import Decoder, parse_json
 
 log = logging.getLogger("mt5hub")
@@ -37,6 +38,9 @@ WRITE_BATCH_BYTES = 64 * 1024  # a writer sends what is pending, up to this much
 PUBLISHER_OUTBOX = 16  # error frames and pings; a publisher that never reads loses some of them
 CLOSE_GRACE = 1.0  # seconds to get a close frame out before giving up on a peer
 REFUSAL_LOG_INTERVAL = 10.0  # a connection's refused frames: one log line per this, at most
+# Closes are one line each, but per (code, address) at most one per 10 s: 5,000 sockets that
+# never read, dropped together, are a few lines that say how many, not 5,000.
+_CLOSE_LINES = LogThrottle()
 
 
 class Transport(Protocol):
@@ -53,6 +57,9 @@ class Transport(Protocol):
         """Write these frames in order; may block (uncancellably) while the peer reads nothing."""
 
     async def close(self, code: int, reason: str) -> None: ...
+
+    async def drain(self) -> None:
+        """Read and drop frames until the peer's answer to our close has arrived."""
 
     async def stopping(self) -> None:
         """Return once the server begins a graceful shutdown (never, if it cannot tell)."""
@@ -169,7 +176,9 @@ class Session:
             return  # the peer closed: nothing to say
         self.hub.metrics.closes.labels(self.role, str(error.close_code)).inc()
         if not isinstance(error, ShuttingDown):
-            log.warning(
+            _CLOSE_LINES.warning(
+                str(error.close_code),
+                self.peer,
                 "%s %s closed %s (%s): %s",
                 self.role,
                 self.peer,
@@ -182,6 +191,12 @@ class Session:
         with trio.move_on_after(CLOSE_GRACE) as scope:
             try:
                 await self.transport.close(error.close_code, error.reason)
+                if not isinstance(error, ShuttingDown):  # (the server ends those itself)
+                    # Frames the peer sent meanwhile must still be read, even a flood's: left
+                    # unread they fill Hypercorn's queue for this connection, its reader waits
+                    # on it forever, the peer's answer never gets in and the socket is never
+                    # released. A peer that does not answer within CLOSE_GRACE is cut off.
+                    await self.transport.drain()
             except Exception:  # the peer may be gone already; nothing left to tell it
                 pass
         if scope.cancelled_caught:

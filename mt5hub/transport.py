@@ -80,6 +80,7 @@ class Link:
     def __init__(self, send: Callable[..., Awaitable[None]], raw_ok: bool) -> None:
         self.asgi_send = send
         self.peer_closed = False
+        self.disconnected = trio.Event()  # set with peer_closed, by the middleware
         self._raw_ok = raw_ok  # HTTP/1.1: frames may be written straight to the socket
         self._server: Any = None
         self.deflate_bits: int | None = None  # permessage-deflate's window, if negotiated
@@ -179,6 +180,7 @@ class TrackConnections:
             message: dict[str, Any] = await receive()
             if message["type"] == "websocket.disconnect":
                 link.peer_closed = True
+                link.disconnected.set()
             return message
 
         await self.app(scope, tracked_receive, send)
@@ -215,8 +217,11 @@ class QuartTransport:
         return self._link.peer_closed
 
     async def receive(self) -> str | bytes | None:
-        # When the peer leaves, quart-trio cancels the handler instead of returning.
-        return await self._ws.receive()
+        # When the peer leaves, quart-trio cancels the handler instead of returning. It returns
+        # None only for an empty binary message (it passes on `bytes or text`): a binary frame,
+        # not a close (the session took it for one and ended with 1000, silently).
+        message = await self._ws.receive()
+        return b"" if message is None else message
 
     async def send(self, frames: Sequence[Frame]) -> None:
         server = self._link.raw_server()
@@ -248,6 +253,16 @@ class QuartTransport:
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)
+
+    async def drain(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drop_frames)
+            await self._link.disconnected.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _drop_frames(self) -> None:
+        while True:  # ends when drain() has seen the disconnect and cancels it
+            await self._ws.receive()
 
     def abort(self) -> None:
         self._link.abort()

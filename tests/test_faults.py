@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 from conftest import TOKEN, RunningHub
 from helpers import (
@@ -75,6 +76,15 @@ class RawPublisher:
                     elif isinstance(event, Ping):
                         await self.stream.send_all(self.ws.send(event.response()))
         return self.closed_with
+
+    async def read_until_gone(self) -> None:
+        """Read (and drop) until the hub has released the connection: EOF or a reset."""
+        with trio.fail_after(DEADLINE):
+            try:
+                while await self.stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
 
     def reset(self) -> None:
         """Drop the link with a TCP reset, as a router losing the connection would look."""
@@ -232,8 +242,9 @@ async def test_two_eas_on_one_table_last_writer_wins_and_each_update_names_its_c
 # -- a flood at 10,000 frames/s ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("answers_the_close", [True, False], ids=["answers", "keeps-flooding"])
 async def test_a_publisher_at_10000_frames_a_second_is_limited_then_closed_1008_and_nobody_notices(
-    hub_factory: HubFactory,
+    hub_factory: HubFactory, answers_the_close: bool
 ) -> None:
     hub = hub_factory(rate_limit=50, rate_burst=100, flood_seconds=2)
     polite_sums: list[float] = []
@@ -251,13 +262,14 @@ async def test_a_publisher_at_10000_frames_a_second_is_limited_then_closed_1008_
 
         async def blast() -> None:
             nonlocal sent
-            try:
-                while flood.closed_with is None:  # 100 frames per write, paced to 10,000/s
+            try:  # 100 frames per write, paced to 10,000/s, until the hub lets go
+                while not (answers_the_close and flood.closed_with is not None):
                     await flood.stream.send_all(batch)
                     sent += 100
                     await trio.sleep_until(started + sent / 10_000)
+                await flood.stream.send_all(flood.ws.send(CloseConnection(code=1000)))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the hub closed it: read_until_closed has the code
+                pass  # the hub cut it off
 
         async def keep_publishing() -> None:
             for n in range(1, 1000):
@@ -270,6 +282,8 @@ async def test_a_publisher_at_10000_frames_a_second_is_limited_then_closed_1008_
             nursery.start_soon(keep_publishing)
             code = await flood.read_until_closed()
             elapsed = time.monotonic() - started
+            # And the hub lets go of the connection, however many frames are still coming.
+            await flood.read_until_gone()
             nursery.cancel_scope.cancel()
         last = polite_sums[-1]
         while True:  # the viewer gets the polite EA's latest update, whatever the flood did
@@ -286,6 +300,7 @@ async def test_a_publisher_at_10000_frames_a_second_is_limited_then_closed_1008_
     )
     lines = [line for line in hub.log().splitlines() if "FLOOD" in line or "1008" in line]
     assert sum("closed 1008" in line for line in lines) == 1
+    assert await metric(hub, "mt5hub_open_connections", role="publisher") == 0
 
 
 # -- shutting down while busy ------------------------------------------------------------------

@@ -38,6 +38,7 @@ class MemoryTransport:
         self.aborted = False
         self.peer_closed = False
         self.server_stops = trio.Event()
+        self.drained: list[str | bytes] = []
 
     async def receive(self) -> str | bytes | None:
         try:
@@ -64,6 +65,10 @@ class MemoryTransport:
 
     async def stopping(self) -> None:
         await self.server_stops.wait()
+
+    async def drain(self) -> None:
+        self.drained = [frame async for frame in self._from_peer]  # until the peer hangs up
+        self.peer_closed = True
 
     # the peer's side
     async def say(self, obj: Any) -> None:
