@@ -158,7 +158,7 @@ async def publisher(
     """One EA: connect, publish `rate` tables a second until stop_at, reconnect when dropped."""
     key, src = table_id(n)
     table = SignalTable(rng, PAIRS[: args.pairs])
-    headers = [("Authorization", f"Bearer {args.token}")]
+    headers = [(b"Authorization", f"Bearer {args.token}".encode())]
     context = client_ssl(args.url, args.ca, args.insecure)
     period = 1.0 / args.rate
     while trio.current_time() < stop_at:
@@ -266,7 +266,7 @@ class ViewerSocket:
 
     async def _events(self) -> AsyncIterator[Any]:
         while data := await self.stream.receive_some(RECEIVE_BYTES):
-            self.ws.receive_data(data)
+            self.ws.receive_data(data)  # type: ignore[arg-type]  # any bytes-like will do
             for event in self.ws.events():
                 yield event
 
