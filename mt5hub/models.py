@@ -246,12 +246,80 @@ def _refuse_constant(name: str) -> Any:
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_SCAN = _DECODER.scan_once  # type: ignore[attr-defined]  # C's scanner: a whole value at once
+_SPACE = re.compile(r"[ \t\n\r]*")  # what JSON calls whitespace
+_WIDE = 64  # top-level members walked one by one; a wider object is parsed in one go
+_PAIRS = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=tuple)  # in C
+
+
+class _TooWide(Exception):
+    pass
+
+
+def _skip_space(text: str, at: int) -> int:
+    match = _SPACE.match(text, at)
+    assert match is not None  # `*` matches nothing too
+    return match.end()
+
+
+def _top_level_pairs(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return items
+
+
+def _loads(text: str) -> Any:
+    """json.loads, but a name given twice in the top-level object is refused.
+
+    Given twice, `key` (or `src`, `type`, ...) means what the parser makes of it: Python and
+    browsers keep the last, other parsers the first, and the hub forwards the text as it came. So
+    the hub and a viewer could disagree on which table, under which token, a publish is. (Nested
+    objects keep the last of a repeated name, as browsers do.)
+
+    The top level is walked by json's own object parser, C's scanner parsing each value: as fast
+    as json.loads for a publish's handful of members. Past _WIDE members that walk would cost
+    Python per member (4x json.loads for a frame of nothing else), so a wider object is parsed
+    in C instead, twice: once as usual, once with its names (about 2x json.loads).
+    """
+    start = _skip_space(text, 0)
+    if not text.startswith("{", start):
+        return _DECODER.decode(text)
+    members = 0
+
+    def scan(s: str, at: int) -> tuple[Any, int]:
+        nonlocal members
+        members += 1
+        if members > _WIDE:
+            raise _TooWide
+        return _SCAN(s, at)  # type: ignore[no-any-return]
+
+    try:
+        items, end = json.decoder.JSONObject(  # type: ignore[attr-defined]
+            (text, start + 1), True, scan, None, _top_level_pairs, {}
+        )
+        end = _skip_space(text, end)
+        if end != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
+        obj = dict(items)
+    except _TooWide:
+        obj, items = _DECODER.decode(text), _PAIRS.decode(text)
+    if len(obj) < len(items):
+        seen: set[str] = set()
+        for name, _ in items:  # the first name given again (linear: there may be 100,000)
+            if name in seen:
+                break
+            seen.add(name)
+        path = f"$.{name}" if name.isidentifier() else f"$[{name[:40]!r}]"
+        raise ProtocolError("bad_json", f"{path}: given more than once")
+    return obj
+
+
 def parse_json(text: str | bytes) -> Any:
-    """json.loads without Python's extensions (NaN, Infinity) and with its failures named."""
+    """json.loads without Python's extensions (NaN, Infinity) or a repeated top-level name, and
+    with its failures named."""
     if isinstance(text, bytes):
         raise ProtocolError("bad_json", "binary frame: send JSON as a text frame")
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = _loads(text)
         if _ESCAPED_SURROGATE.search(text):  # rare: check precisely only then
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except RecursionError:

@@ -19,6 +19,7 @@ from quart_trio import QuartTrio
 from .auth import Authenticator, Refusal, bearer_token
 from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config
+from .hardening import install as harden_hypercorn
 from .hub import Backplane, Hub, LocalBackplane, encode
 from .limits import RETRY_AFTER, Limits, LogThrottle, client_ip, raise_open_files_limit
 from .metrics import CONTENT_TYPE
@@ -85,6 +86,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     settings = config.settings
     app = QuartTrio(__name__, static_folder=str(TEMPLATES / "static"), static_url_path="/static")
     app.asgi_app = TrackConnections(app.asgi_app)  # type: ignore[method-assign,assignment]
+    harden_hypercorn()  # mt5hub/hardening.py: what hostile clients reach in Hypercorn, fixed
     backplane: Backplane = LocalBackplane()
     if settings.backplane:
         backplane = RedisBackplane(
@@ -116,6 +118,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             websocket.headers.get("X-Forwarded-For"),
             settings.trusted_proxies,
         )
+
     started = time.monotonic()
     app.extensions["mt5hub"] = hub
 

@@ -1,0 +1,170 @@
+"""Holes in Hypercorn (0.17, 0.18) that hostile clients reach, closed for the hub's connections.
+
+0. After an HTTP response, Hypercorn either closes the connection (`Connection: close`) or
+   restarts its idle timer (keep_alive_timeout), from the app's task, which Quart-Trio cancels
+   as soon as the response is out: neither happened. A connection that made one request stayed
+   open forever, idle or trickling its next request head one byte at a time (slowloris after
+   one good request).
+1. Bytes after an upgrade request, before the hub has answered it (a client that sends its
+   token in a first frame without waiting, say): Hypercorn answers 400 but marks the stream
+   closed only once that answer is out. The hub's own answer (401, or the 101 of an accepted
+   publisher), sent meanwhile, then collides with it in h11, and the exception ended the whole
+   worker: one request stopped the hub (pgjones/hypercorn#225, still open).
+2. A handshake Hypercorn refuses itself (no Sec-WebSocket-Key, say): it answers 400 and then
+   leaves the connection open for as long as the client likes, with no timeout.
+3. A message over `websocket_max_message_size`: Hypercorn sends close 1009, but then keeps
+   reading and appends everything the peer still sends to the message buffer it has refused. A
+   50 MiB frame cost the hub 50 MiB, a peer that never stops sending cost it all its memory, and
+   the connection stayed open until the hub's heartbeat timeout (logged as that).
+4. A frame wsproto cannot accept (invalid UTF-8 in a text message: 1007; a protocol violation such
+   as a reserved opcode, RSV bits or an unmasked frame: 1002): Hypercorn dropped the TCP
+   connection without the close frame that says why, and nothing was logged.
+
+`install()` lets no cancellation stop a connection's close or its idle timer (0), wraps
+`WSStream.handle` (1, 2) and replaces `WSStream._handle_events` with Hypercorn's own but for 3
+and 4: early bytes get a 400 before anything else can answer, and the connection ends; a refused
+handshake's connection ends; after a 1009 the rest of the message is read and dropped (memory
+stays at the limit) and the connection ends when the peer answers the close, or CLOSE_GRACE
+later; a frame wsproto refuses is answered with its close code. 1, 3 and 4 are a log line each.
+Like `transport`, this relies on Hypercorn's internals (pinned in pyproject.toml);
+tests/test_hostile.py shows each on real sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from hypercorn.events import RawData
+from hypercorn.protocol import ws_stream
+from hypercorn.protocol.events import Body, Data, Request, StreamClosed
+from hypercorn.trio import tcp_server
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.frame_protocol import CloseReason
+
+log = logging.getLogger("mt5hub")
+
+CLOSE_GRACE = 1.0  # seconds a peer has to answer a 1009 before the hub hangs up
+_DISCARDING = "_mt5hub_discarding"  # set on a WSStream once it has refused a message
+_ROLES = {"/ws/dll": "publisher", "/ws": "viewer"}
+
+
+def install() -> bool:
+    """Patch Hypercorn (once); False, and one error line, if its internals changed."""
+    stream: Any = getattr(ws_stream, "WSStream", None)
+    server: Any = getattr(tcp_server, "TCPServer", None)
+    if getattr(stream, "_mt5hub_guarded", False):
+        return True
+    if not (
+        hasattr(server, "protocol_send")
+        and hasattr(stream, "handle")
+        and hasattr(stream, "_handle_events")
+        and hasattr(stream, "_send_wsproto_event")
+        and hasattr(stream, "_send_error_response")
+        and hasattr(ws_stream, "FrameTooLargeError")
+        and hasattr(ws_stream, "ASGIWebsocketState")
+    ):
+        log.error("cannot guard connections: Hypercorn's internals changed")
+        return False
+    server.protocol_send = _shield_all_but_data(server.protocol_send)
+    original_handle = stream.handle
+
+    async def handle(self: Any, event: Any) -> None:
+        if isinstance(event, Body | Data) and not self.closed and not self.handshake.accepted:
+            await _early_data(self)
+            return
+        await original_handle(self, event)
+        if isinstance(event, Request) and self.closed:  # Hypercorn refused the handshake
+            await self.send(StreamClosed(stream_id=self.stream_id))
+
+    stream.handle = handle
+    stream._handle_events = _handle_events
+    stream._mt5hub_guarded = True
+    return True
+
+
+def _shield_all_but_data(protocol_send: Any) -> Any:
+    """TCPServer.protocol_send, but closing the connection and (re)starting or stopping its idle
+    timer run to the end even when called from an app task that is being cancelled. (Data is
+    written shielded already; an app cancelled while it waits to write may lose it.)"""
+
+    async def send(self: Any, event: Any) -> None:
+        if isinstance(event, RawData):
+            await protocol_send(self, event)
+        else:
+            with trio.CancelScope(shield=True):
+                await protocol_send(self, event)
+
+    return send
+
+
+async def _early_data(self: Any) -> None:
+    """Bytes before the handshake is answered, which RFC 6455 forbids: 400, and hang up."""
+    if self.state != ws_stream.ASGIWebsocketState.HANDSHAKE or getattr(self, "response", None):
+        # The app has begun its answer (a refusal, whose state Hypercorn changes only once the
+        # status line is out): that answer stands, and the bytes go unread.
+        return
+    self.closed = True  # first: nothing the app sends from now on may follow the 400
+    log.warning(
+        "refused %s from %s: 400 data sent before the handshake was answered",
+        self.scope.get("path", ""),
+        _host(self),
+    )
+    await self._send_error_response(400)
+    await self.send(StreamClosed(stream_id=self.stream_id))
+    if self.app_put is not None:
+        await self.app_put({"type": "websocket.disconnect", "code": CloseReason.ABNORMAL_CLOSURE})
+
+
+async def _handle_events(self: Any) -> None:
+    """Hypercorn 0.18's WSStream._handle_events, but for a refused message and a refused frame."""
+    for event in self.connection.events():
+        if isinstance(event, Message):
+            if getattr(self, _DISCARDING, False):
+                continue  # the rest of a message already refused with 1009
+            try:
+                self.buffer.extend(event)
+            except ws_stream.FrameTooLargeError:
+                limit = self.buffer.max_length
+                self.buffer.clear()
+                setattr(self, _DISCARDING, True)
+                too_big = CloseReason.MESSAGE_TOO_BIG
+                _log_close(self, too_big, "frame too large", f"over {limit} bytes")
+                await self._send_wsproto_event(CloseConnection(code=too_big))
+                self.task_group.spawn(_close_later, self)
+                continue
+            if event.message_finished:
+                await self.app_put(self.buffer.to_message())
+                self.buffer.clear()
+        elif isinstance(event, Ping):
+            await self._send_wsproto_event(event.response())
+        elif isinstance(event, CloseConnection):
+            if self.connection.state == ConnectionState.REMOTE_CLOSING:
+                await self._send_wsproto_event(event.response())
+            elif self.connection.state == ConnectionState.OPEN:
+                # Not the peer's close: wsproto refused its data and says with which code.
+                # (Its parser stops there: nothing more can be read from this connection.)
+                _log_close(self, event.code, "bad frame", event.reason or "")
+                reason = (event.reason or "").encode()[:120].decode(errors="ignore")
+                await self._send_wsproto_event(CloseConnection(code=event.code, reason=reason))
+            await self.send(StreamClosed(stream_id=self.stream_id))
+            return
+
+
+async def _close_later(self: Any) -> None:
+    await self.context.sleep(CLOSE_GRACE)
+    if not self.closed:
+        await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+def _host(stream: Any) -> str:
+    client = stream.scope.get("client")
+    return str(client[0]) if client else "?"
+
+
+def _log_close(stream: Any, code: int, reason: str, detail: str) -> None:
+    path = str(stream.scope.get("path", ""))
+    role = _ROLES.get(path, f"websocket {path}")
+    log.warning("%s %s closed %s (%s): %s", role, _host(stream), int(code), reason, detail)
