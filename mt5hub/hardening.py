@@ -33,6 +33,7 @@ tests/test_hostile.py shows each on real sockets.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -49,10 +50,16 @@ log = logging.getLogger("mt5hub")
 CLOSE_GRACE = 1.0  # seconds a peer has to answer a 1009 before the hub hangs up
 _DISCARDING = "_mt5hub_discarding"  # set on a WSStream once it has refused a message
 _ROLES = {"/ws/dll": "publisher", "/ws": "viewer"}
+_on_close: Callable[[str, int], None] | None = None  # counts closes by (role, code) in metrics
 
 
-def install() -> bool:
-    """Patch Hypercorn (once); False, and one error line, if its internals changed."""
+def install(on_close: Callable[[str, int], None] | None = None) -> bool:
+    """Patch Hypercorn (once); False, and one error line, if its internals changed.
+
+    `on_close(role, code)` is told of every connection closed here, for the metrics.
+    """
+    global _on_close
+    _on_close = on_close
     stream: Any = getattr(ws_stream, "WSStream", None)
     server: Any = getattr(tcp_server, "TCPServer", None)
     if getattr(stream, "_mt5hub_guarded", False):
@@ -168,3 +175,5 @@ def _log_close(stream: Any, code: int, reason: str, detail: str) -> None:
     path = str(stream.scope.get("path", ""))
     role = _ROLES.get(path, f"websocket {path}")
     log.warning("%s %s closed %s (%s): %s", role, _host(stream), int(code), reason, detail)
+    if _on_close is not None:
+        _on_close(role, int(code))

@@ -86,7 +86,6 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     settings = config.settings
     app = QuartTrio(__name__, static_folder=str(TEMPLATES / "static"), static_url_path="/static")
     app.asgi_app = TrackConnections(app.asgi_app)  # type: ignore[method-assign,assignment]
-    harden_hypercorn()  # mt5hub/hardening.py: what hostile clients reach in Hypercorn, fixed
     backplane: Backplane = LocalBackplane()
     if settings.backplane:
         backplane = RedisBackplane(
@@ -97,6 +96,8 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             timeout=settings.backplane_timeout,
         )
     hub = Hub(viewer_buffer=settings.viewer_buffer, backplane=backplane)
+    # mt5hub/hardening.py: what hostile clients reach in Hypercorn, fixed (and counted)
+    harden_hypercorn(lambda role, code: hub.metrics.closes.labels(role, str(code)).inc())
     # With a backplane the state lives in Redis: workers sharing one file would fight over it.
     store = (
         StateStore(settings.state_file, interval=settings.state_interval)

@@ -39,10 +39,20 @@ import pytest
 import trio
 import trustme
 from conftest import TOKEN, RunningHub, free_port, write_hub_files
-from helpers import publish_frame, publisher, receive, table_rows, viewer
+from helpers import (
+    DEADLINE,
+    health,
+    metric,
+    publish_frame,
+    publisher,
+    receive,
+    table_rows,
+    viewer,
+    wait_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hub_server import DEADLINE, health, metric, next_update, synced, wait_for
+from test_hub_server import next_update, synced
 from test_models import mangled_publishes
 from trio_websocket import WebSocketConnection
 from wsproto.frame_protocol import FrameProtocol, Opcode
@@ -632,6 +642,7 @@ async def test_a_message_over_the_limit_in_many_fragments_is_closed_with_1009(
             assert await raw.closed_with() == 1009
         await healthy.still_served()
     await log.wait_for_lines(1, "publisher", "closed 1009 (frame too large): over 65536 bytes")
+    assert await metric(hub, "mt5hub_closes_total", role="publisher", code="1009") == 1
     log.assert_clean()
 
 
