@@ -20,12 +20,17 @@
    as a reserved opcode, RSV bits or an unmasked frame: 1002): Hypercorn dropped the TCP
    connection without the close frame that says why, and nothing was logged.
 
+5. A compressed message (permessage-deflate, which anyone opening a viewer may negotiate):
+   wsproto inflated each read of the socket whole, before any size check. 64 MiB of one byte
+   deflate to 64 KiB: one frame cost the hub 190 MiB.
+
 `install()` lets no cancellation stop a connection's close or its idle timer (0), wraps
 `WSStream.handle` (1, 2) and replaces `WSStream._handle_events` with Hypercorn's own but for 3
 and 4: early bytes get a 400 before anything else can answer, and the connection ends; a refused
 handshake's connection ends; after a 1009 the rest of the message is read and dropped (memory
 stays at the limit) and the connection ends when the peer answers the close, or CLOSE_GRACE
-later; a frame wsproto refuses is answered with its close code. 1, 3 and 4 are a log line each.
+later; a frame wsproto refuses is answered with its close code; a compressed message is
+inflated at most `max_message` bytes at a time (5). 1, 3, 4 and 5 are a log line each.
 Like `transport`, this relies on Hypercorn's internals (pinned in pyproject.toml);
 tests/test_hostile.py shows each on real sockets.
 """
@@ -33,6 +38,7 @@ tests/test_hostile.py shows each on real sockets.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +49,7 @@ from hypercorn.protocol.events import Body, Data, Request, StreamClosed
 from hypercorn.trio import tcp_server
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping
+from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 
 log = logging.getLogger("mt5hub")
@@ -51,15 +58,20 @@ CLOSE_GRACE = 1.0  # seconds a peer has to answer a 1009 before the hub hangs up
 _DISCARDING = "_mt5hub_discarding"  # set on a WSStream once it has refused a message
 _ROLES = {"/ws/dll": "publisher", "/ws": "viewer"}
 _on_close: Callable[[str, int], None] | None = None  # counts closes by (role, code) in metrics
+_max_inflated = 1024 * 1024  # bytes one inflation may produce: the message limit
 
 
-def install(on_close: Callable[[str, int], None] | None = None) -> bool:
+def install(
+    on_close: Callable[[str, int], None] | None = None, max_message: int = 1024 * 1024
+) -> bool:
     """Patch Hypercorn (once); False, and one error line, if its internals changed.
 
-    `on_close(role, code)` is told of every connection closed here, for the metrics.
+    `on_close(role, code)` is told of every connection closed here, for the metrics;
+    `max_message` is websocket_max_message_size, the most one inflation may produce.
     """
-    global _on_close
+    global _on_close, _max_inflated
     _on_close = on_close
+    _max_inflated = max_message
     stream: Any = getattr(ws_stream, "WSStream", None)
     server: Any = getattr(tcp_server, "TCPServer", None)
     if getattr(stream, "_mt5hub_guarded", False):
@@ -72,6 +84,7 @@ def install(on_close: Callable[[str, int], None] | None = None) -> bool:
         and hasattr(stream, "_send_error_response")
         and hasattr(ws_stream, "FrameTooLargeError")
         and hasattr(ws_stream, "ASGIWebsocketState")
+        and hasattr(PerMessageDeflate, "frame_inbound_payload_data")
     ):
         log.error("cannot guard connections: Hypercorn's internals changed")
         return False
@@ -88,6 +101,7 @@ def install(on_close: Callable[[str, int], None] | None = None) -> bool:
 
     stream.handle = handle
     stream._handle_events = _handle_events
+    PerMessageDeflate.frame_inbound_payload_data = _bounded_inflate  # type: ignore[method-assign]
     stream._mt5hub_guarded = True
     return True
 
@@ -158,6 +172,20 @@ async def _handle_events(self: Any) -> None:
                 await self._send_wsproto_event(CloseConnection(code=event.code, reason=reason))
             await self.send(StreamClosed(stream_id=self.stream_id))
             return
+
+
+def _bounded_inflate(self: Any, proto: Any, data: bytes) -> bytes | CloseReason:
+    """wsproto's PerMessageDeflate.frame_inbound_payload_data, but inflating at most the message
+    limit (+1 byte) from one read: more than that is a message over the limit (1009)."""
+    if not self._inbound_compressed or not self._inbound_is_compressible:
+        return data
+    try:
+        inflated: bytes = self._decompressor.decompress(bytes(data), _max_inflated + 1)
+    except zlib.error:
+        return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+    if self._decompressor.unconsumed_tail:
+        return CloseReason.MESSAGE_TOO_BIG
+    return inflated
 
 
 async def _close_later(self: Any) -> None:

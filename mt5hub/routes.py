@@ -97,7 +97,9 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         )
     hub = Hub(viewer_buffer=settings.viewer_buffer, backplane=backplane)
     # mt5hub/hardening.py: what hostile clients reach in Hypercorn, fixed (and counted)
-    harden_hypercorn(lambda role, code: hub.metrics.closes.labels(role, str(code)).inc())
+    harden_hypercorn(
+        lambda role, code: hub.metrics.closes.labels(role, str(code)).inc(), config.max_frame_bytes
+    )
     # With a backplane the state lives in Redis: workers sharing one file would fight over it.
     store = (
         StateStore(settings.state_file, interval=settings.state_interval)

@@ -55,6 +55,9 @@ from hypothesis import strategies as st
 from test_hub_server import next_update, synced
 from test_models import mangled_publishes
 from trio_websocket import WebSocketConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, Request
+from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from mt5hub.errors import ProtocolError
@@ -1143,3 +1146,58 @@ async def test_any_publish_over_one_real_connection_is_accepted_or_gets_an_error
     print(f"hypothesis over the socket: {dict(counts)}")
     assert counts["accepted"] >= 3 and sum(counts[c] for c in KNOWN_CODES) >= 10
     log.assert_clean()
+
+
+async def test_a_deflate_bomb_is_closed_with_1009_without_the_hub_inflating_it(
+    make_hub: HubMaker,
+) -> None:
+    """64 MiB of one byte compresses to ~64 KiB. Anyone may open a viewer and negotiate
+    permessage-deflate (browsers do), and wsproto inflated each read of the socket whole before
+    any size check: one read could cost the hub 64 MiB. mt5hub/hardening.py inflates at most
+    the message limit at a time and refuses the message past it."""
+    hub = make_hub()  # websocket_max_message_size: 1 MiB
+    log = LogWatch(hub)
+    async with Healthy.connect(hub) as healthy:
+        pid = (await health(hub))["pid"]
+        before = _peak_rss(pid)
+        client = WSConnection(ConnectionType.CLIENT)
+        stream = await trio.open_tcp_stream("127.0.0.1", hub.http_port)
+        async with stream:
+            offer = Request(host="127.0.0.1", target="/ws", extensions=[PerMessageDeflate()])
+            await stream.send_all(client.send(offer))
+            events: list[Any] = []
+            with trio.fail_after(DEADLINE):
+                while not any(isinstance(e, AcceptConnection) for e in events):
+                    client.receive_data(await stream.receive_some(65536))
+                    events += list(client.events())
+            accepted = next(e for e in events if isinstance(e, AcceptConnection))
+            assert [x.name for x in accepted.extensions] == ["permessage-deflate"]
+            bomb = client.send(Message(data=b" " * (64 * 2**20)))  # compressed on our side
+            assert len(bomb) < 2**20
+            code = None
+            with trio.fail_after(DEADLINE):
+                await stream.send_all(bomb)
+                while code is None:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    client.receive_data(data)
+                    for event in client.events():
+                        if isinstance(event, CloseConnection):
+                            code = event.code
+        peak = _peak_rss(pid)
+        await healthy.still_served()
+    grew = (peak - before) / 2**20
+    print(f"deflate bomb ({len(bomb):,} bytes for 64 MiB): closed {code}, peak RSS +{grew:.1f} MiB")
+    assert code == 1009
+    assert grew < 32, f"the hub grew by {grew:.1f} MiB: it inflated the bomb"
+    await log.wait_for_lines(1, "viewer", "closed 1009")
+    log.assert_clean()
+
+
+def _peak_rss(pid: int) -> int:
+    """The hub worker's high-water mark of resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
