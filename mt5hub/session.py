@@ -130,8 +130,9 @@ class Session:
         self._sending_since: float | None = None
         self._sent = trio.Event()  # set when the send in progress (if any) returns
         self._scope = trio.CancelScope()
-        self._refusal_logged_at = -math.inf
-        self._refusals_unlogged = 0
+        # A peer that sends nothing but junk cannot flood the log: its first refused frame is a
+        # line, then one per REFUSAL_LOG_INTERVAL with the count of those in between.
+        self._refusal_lines = LogThrottle(REFUSAL_LOG_INTERVAL)
 
     async def run(self) -> None:
         metrics = self.hub.metrics
@@ -240,22 +241,14 @@ class Session:
         raise NotImplementedError
 
     def _log_refusal(self, exc: ProtocolError) -> None:
-        """One line for a connection's first refused frame, then one per REFUSAL_LOG_INTERVAL
-        with the count of those in between: a peer that sends nothing but junk cannot flood the
-        log, and the operator still learns who sends what."""
-        now = trio.current_time()
-        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
-            self._refusals_unlogged += 1
-            return
-        more = self._refusals_unlogged
-        self._refusal_logged_at, self._refusals_unlogged = now, 0
-        log.warning(
-            "%s %s: refused a frame, %s: %s%s",
+        self._refusal_lines.warning(
+            "refused",
+            self.peer,
+            "%s %s: refused a frame, %s: %s",
             self.role,
             self.peer,
             exc.code,
             exc.detail[:200],
-            f" (and {more} more since the last line)" if more else "",
         )
 
     async def _write(self) -> None:
