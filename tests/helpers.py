@@ -128,6 +128,21 @@ async def close_reason(ws: WebSocketConnection, timeout: float = DEADLINE) -> Cl
             return closed.reason
 
 
+def upgrade_request(path: str, *headers: str) -> bytes:
+    """A WebSocket upgrade request as raw bytes, for clients that write their own sockets."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *headers,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 @asynccontextmanager
 async def stalled_viewer(port: int) -> AsyncIterator[trio.SocketStream]:
     """A viewer that completes the handshake and then never reads a byte.
@@ -139,13 +154,8 @@ async def stalled_viewer(port: int) -> AsyncIterator[trio.SocketStream]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect(("127.0.0.1", port))
     stream = trio.SocketStream(sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
     async with stream:
-        await stream.send_all(request.encode())
+        await stream.send_all(upgrade_request("/ws"))
         head = b""
         with trio.fail_after(DEADLINE):
             while b"\r\n\r\n" not in head:  # one byte at a time: read nothing past the head

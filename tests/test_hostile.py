@@ -47,6 +47,7 @@ from helpers import (
     publisher,
     receive,
     table_rows,
+    upgrade_request,
     viewer,
     wait_for,
 )
@@ -162,20 +163,6 @@ class Healthy:
 
 
 # -- raw sockets ----------------------------------------------------------------------------------
-
-
-def upgrade_request(path: str, *headers: str) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *headers,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 async def exchange(port: int, data: bytes) -> tuple[bytes, float]:

@@ -16,26 +16,13 @@ from collections.abc import Callable
 import pytest
 import trio
 from conftest import IN_CI, TOKEN, RunningHub
-from helpers import health, publish_frame, publisher, receive, viewer
+from helpers import health, publish_frame, publisher, receive, upgrade_request, viewer
 from trio_websocket import WebSocketConnection
 
 from mt5hub.limits import Limits, LogThrottle, client_ip
 
 HubFactory = Callable[..., RunningHub]
 DEADLINE = 120.0  # stops a test that would hang; nothing here takes that long on an idle machine
-
-
-def _upgrade_request(path: str, headers: dict[str, str] | None = None) -> bytes:
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        *(f"{k}: {v}" for k, v in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 async def raw_handshake(
@@ -46,7 +33,7 @@ async def raw_handshake(
     await sock.bind((source, 0))
     await sock.connect(("127.0.0.1", port))
     stream = trio.SocketStream(sock)
-    await stream.send_all(_upgrade_request(path, headers))
+    await stream.send_all(upgrade_request(path, *(f"{k}: {v}" for k, v in (headers or {}).items())))
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = await stream.receive_some(4096)
