@@ -2,117 +2,48 @@
 publisher flooding at 10,000 frames/s, and a shutdown while everything is busy.
 
 Publishers that must misbehave at the byte level (half a frame, then silence or a reset; frames
-pre-built and written as fast as the socket takes them) are wsproto clients over a raw trio
+pre-built and written as fast as the socket takes them) are helpers.RawPublisher, on a bare
 socket; everyone else is a trio-websocket client, as in test_hub_server.py.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 import trio
-from conftest import TOKEN, RunningHub
+from conftest import RunningHub
 from helpers import (
+    DEADLINE,
+    RawPublisher,
+    frame,
     health,
     metric,
     publish_frame,
     publisher,
     receive,
     stalled_viewer,
+    text_frame,
     viewer,
     wait_for,
 )
 from trio_websocket import ConnectionClosed, WebSocketConnection
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    CloseConnection,
-    Message,
-    Ping,
-    Request,
-    TextMessage,
-)
+from wsproto.frame_protocol import Opcode
 
 HubFactory = Callable[..., RunningHub]
-DEADLINE = 60.0  # stops a test that would hang; nothing here takes that long on an idle machine
 
 
-class RawPublisher:
-    """A publisher over a bare socket: it can stop anywhere, even in the middle of a frame."""
-
-    def __init__(self, stream: trio.SocketStream, ws: WSConnection) -> None:
-        self.stream = stream
-        self.ws = ws
-        self.closed_with: int | None = None
-        self.messages: list[dict[str, Any]] = []
-
-    def frame(self, text: str) -> bytes:
-        return self.ws.send(Message(data=text))
-
-    async def send(self, text: str) -> None:
-        await self.stream.send_all(self.frame(text))
-
-    async def read_until_closed(self) -> int:
-        """Read what the hub says until it closes; its close code."""
-        with trio.fail_after(DEADLINE):
-            while self.closed_with is None:
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    raise AssertionError("connection dropped without a close frame")
-                self.ws.receive_data(data)
-                for event in self.ws.events():
-                    if isinstance(event, CloseConnection):
-                        self.closed_with = event.code
-                    elif isinstance(event, TextMessage):
-                        self.messages.append(json.loads(event.data))
-                    elif isinstance(event, Ping):
-                        await self.stream.send_all(self.ws.send(event.response()))
-        return self.closed_with
-
-    async def read_until_gone(self) -> None:
-        """Read (and drop) until the hub has released the connection: EOF or a reset."""
-        with trio.fail_after(DEADLINE):
-            try:
-                while await self.stream.receive_some(65536):
-                    pass
-            except trio.BrokenResourceError:
-                pass
-
-    def reset(self) -> None:
-        """Drop the link with a TCP reset, as a router losing the connection would look."""
-        sock = self.stream.socket
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
-
-
-@asynccontextmanager
-async def raw_publisher(hub: RunningHub) -> AsyncIterator[RawPublisher]:
-    stream = await trio.open_tcp_stream("127.0.0.1", hub.http_port)
-    ws = WSConnection(ConnectionType.CLIENT)
-    request = Request(
-        host="127.0.0.1",
-        target="/ws/dll",
-        extra_headers=[(b"authorization", f"Bearer {TOKEN}".encode())],
-    )
-    await stream.send_all(ws.send(request))  # wsproto writes the handshake and the frames
-    with trio.fail_after(DEADLINE):
-        accepted = False
-        while not accepted:
-            ws.receive_data(await stream.receive_some(65536))
-            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
-    try:
-        yield RawPublisher(stream, ws)
-    finally:
-        if stream.socket.fileno() != -1:
-            await stream.aclose()
+def reset(raw: RawPublisher) -> None:
+    """Drop the link with a TCP reset, as a router losing the connection would look."""
+    sock = raw.stream.socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 async def presence_and_updates(view: WebSocketConnection, into: list[dict[str, Any]]) -> None:
@@ -144,15 +75,15 @@ async def test_an_ea_whose_link_went_silent_mid_frame_reconnects_and_the_new_con
     async with viewer(hub.ws_url) as view, trio.open_nursery() as nursery:
         await receive(view, "snapshot")
         nursery.start_soon(presence_and_updates, view, seen)
-        async with raw_publisher(hub) as old:
-            await old.send(publish_frame(client_id="EA1_77", value=1.0))
+        async with RawPublisher.connect(hub.http_port) as old:
+            await old.send(text_frame(publish_frame(client_id="EA1_77", value=1.0)))
             await wait_for(lambda: len(seen) == 2, "online, then the first update")
-            half = old.frame(publish_frame(client_id="EA1_77", value=2.0))
+            half = text_frame(publish_frame(client_id="EA1_77", value=2.0))
             await old.stream.send_all(half[: len(half) // 2])  # and then the link goes quiet
             async with publisher(hub.ws_url) as new:
                 await new.send_message(publish_frame(client_id="EA1_77", value=3.0))
                 # The hub ends the old connection at once, with a close code that says why...
-                assert await old.read_until_closed() == 4010
+                assert await old.closed_with() == 4010
                 await wait_for(lambda: len(seen) == 3, "the new connection's update")
                 await new.send_message(publish_frame(client_id="EA1_77", value=4.0))
                 await wait_for(lambda: len(seen) == 4, "and its next one")
@@ -178,12 +109,12 @@ async def test_an_ea_whose_link_reset_mid_frame_goes_offline_then_back_with_noth
     async with viewer(hub.ws_url) as view, trio.open_nursery() as nursery:
         await receive(view, "snapshot")
         nursery.start_soon(presence_and_updates, view, seen)
-        async with raw_publisher(hub) as old:
-            await old.send(publish_frame(client_id="EA1_78", value=1.0))
+        async with RawPublisher.connect(hub.http_port) as old:
+            await old.send(text_frame(publish_frame(client_id="EA1_78", value=1.0)))
             await wait_for(lambda: len(seen) == 2, "online, then the first update")
-            half = old.frame(publish_frame(client_id="EA1_78", value=2.0))
+            half = text_frame(publish_frame(client_id="EA1_78", value=2.0))
             await old.stream.send_all(half[: len(half) // 2])
-            old.reset()
+            reset(old)
             await wait_for(lambda: len(seen) == 3, "offline: the hub saw the reset")
         async with publisher(hub.ws_url) as new:
             await new.send_message(publish_frame(client_id="EA1_78", value=5.0))
@@ -251,11 +182,11 @@ async def test_a_publisher_at_10000_frames_a_second_is_limited_then_closed_1008_
     async with (
         viewer(hub.ws_url) as view,
         publisher(hub.ws_url) as polite,
-        raw_publisher(hub) as flood,
+        RawPublisher.connect(hub.http_port) as flood,
     ):
         await receive(view, "snapshot")
         batch = b"".join(
-            flood.frame(publish_frame(key="FLOOD", pairs=["EURUSD"])) for _ in range(100)
+            text_frame(publish_frame(key="FLOOD", pairs=["EURUSD"])) for _ in range(100)
         )
         sent = 0
         started = time.monotonic()
@@ -263,11 +194,11 @@ async def test_a_publisher_at_10000_frames_a_second_is_limited_then_closed_1008_
         async def blast() -> None:
             nonlocal sent
             try:  # 100 frames per write, paced to 10,000/s, until the hub lets go
-                while not (answers_the_close and flood.closed_with is not None):
+                while not (answers_the_close and flood.close_code is not None):
                     await flood.stream.send_all(batch)
                     sent += 100
                     await trio.sleep_until(started + sent / 10_000)
-                await flood.stream.send_all(flood.ws.send(CloseConnection(code=1000)))
+                await flood.stream.send_all(frame(Opcode.CLOSE, struct.pack("!H", 1000)))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the hub cut it off
 
@@ -280,10 +211,11 @@ async def test_a_publisher_at_10000_frames_a_second_is_limited_then_closed_1008_
         async with trio.open_nursery() as nursery:
             nursery.start_soon(blast)
             nursery.start_soon(keep_publishing)
-            code = await flood.read_until_closed()
-            elapsed = time.monotonic() - started
+            await flood.wait_until(lambda: flood.close_code is not None)
+            code, elapsed = flood.close_code, time.monotonic() - started
             # And the hub lets go of the connection, however many frames are still coming.
-            await flood.read_until_gone()
+            with trio.fail_after(DEADLINE):
+                await flood.ended.wait()
             nursery.cancel_scope.cancel()
         last = polite_sums[-1]
         while True:  # the viewer gets the polite EA's latest update, whatever the flood did

@@ -41,12 +41,16 @@ import trustme
 from conftest import TOKEN, RunningHub, free_port, write_hub_files
 from helpers import (
     DEADLINE,
+    RawPublisher,
+    frame,
     health,
     metric,
     publish_frame,
     publisher,
     receive,
+    status_of,
     table_rows,
+    text_frame,
     upgrade_request,
     viewer,
     wait_for,
@@ -59,7 +63,7 @@ from trio_websocket import WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import FrameProtocol, Opcode
+from wsproto.frame_protocol import Opcode
 
 from mt5hub.errors import ProtocolError
 from mt5hub.hub import update_text
@@ -180,156 +184,6 @@ async def exchange(port: int, data: bytes) -> tuple[bytes, float]:
             except trio.BrokenResourceError:
                 pass
     return answer, time.monotonic() - started
-
-
-def status_of(answer: bytes) -> int:
-    match = re.match(rb"HTTP/1\.1 (\d{3})", answer)
-    assert match, answer[:200]
-    return int(match.group(1))
-
-
-def mask(payload: bytes, key: bytes) -> bytes:
-    if not payload or key == b"\0\0\0\0":
-        return payload
-    n = len(payload)
-    keys = int.from_bytes((key * (n // 4 + 1))[:n], "big")
-    return (int.from_bytes(payload, "big") ^ keys).to_bytes(n, "big")
-
-
-def frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    masked: bool = True,
-    length: int | None = None,
-    key: bytes | None = None,
-) -> bytes:
-    """One WebSocket frame as a client sends it, or as a client must not: any opcode, RSV bits,
-    unmasked, and a `length` that need not be the payload's."""
-    size = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0x0F)])
-    mask_bit = 0x80 if masked else 0
-    if size < 126:
-        head += bytes([mask_bit | size])
-    elif size < 1 << 16:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", size)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
-    if not masked:
-        return head + payload
-    key = os.urandom(4) if key is None else key
-    return head + key + mask(payload, key)
-
-
-def text_frame(text: str | bytes, **kwargs: Any) -> bytes:
-    return frame(Opcode.TEXT, text.encode() if isinstance(text, str) else text, **kwargs)
-
-
-class RawPublisher:
-    """A publisher on a bare socket: a correct handshake, then whatever bytes the test writes.
-
-    A reader task parses what the hub sends (error frames, pongs, its close frame) as a client
-    would, so the hub is never blocked by a peer that does not read.
-    """
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.parser = FrameProtocol(client=True, extensions=[])
-        self.messages: list[dict[str, Any]] = []
-        self.close_code: int | None = None
-        self.closed = trio.Event()  # the hub's close frame came, or the connection ended
-        self.ended = trio.Event()  # the connection ended
-        self._news = trio.Event()
-
-    @classmethod
-    @asynccontextmanager
-    async def connect(
-        cls, port: int, token: str = TOKEN, path: str = "/ws/dll"
-    ) -> AsyncIterator[RawPublisher]:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream, trio.open_nursery() as nursery:
-            await stream.send_all(upgrade_request(path, f"Authorization: Bearer {token}"))
-            head = b""
-            with trio.fail_after(DEADLINE):
-                while b"\r\n\r\n" not in head:
-                    chunk = await stream.receive_some(1)  # nothing past the head
-                    assert chunk, f"the hub closed during the handshake: {head!r}"
-                    head += chunk
-            assert status_of(head) == 101, head
-            self = cls(stream)
-            nursery.start_soon(self._read)
-            try:
-                yield self
-            finally:
-                nursery.cancel_scope.cancel()
-
-    async def _read(self) -> None:
-        parts: list[str] = []
-        try:
-            while data := await self.stream.receive_some(65536):
-                self.parser.receive_bytes(data)
-                for item in self.parser.received_frames():
-                    if item.opcode in (Opcode.TEXT, Opcode.CONTINUATION):
-                        parts.append(item.payload)
-                        if item.message_finished:
-                            self.messages.append(json.loads("".join(parts)))
-                            parts = []
-                    elif item.opcode is Opcode.CLOSE:
-                        self.close_code = int(item.payload[0])
-                        self.closed.set()
-                self._news.set()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self.closed.set()
-            self.ended.set()
-            self._news.set()
-
-    async def send(self, data: bytes) -> bool:
-        """False if the hub has closed the connection already (a write then fails or is lost)."""
-        try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        return True
-
-    async def wait_until(self, ready: Callable[[], bool]) -> None:
-        """Until `ready()` holds (checked whenever the hub sent something), or the hub closed."""
-        with trio.fail_after(DEADLINE):
-            while True:
-                self._news = trio.Event()
-                if ready() or self.closed.is_set():
-                    return
-                await self._news.wait()
-
-    def count(self, kind: str) -> int:
-        return sum(m["type"] == kind for m in self.messages)
-
-    async def closed_with(self) -> int | None:
-        """The close code the hub sent (None: it hung up without one), once the connection ended
-        (a close frame must be followed by the end of the connection)."""
-        with trio.fail_after(DEADLINE):
-            await self.ended.wait()
-        return self.close_code
-
-    async def error(self) -> dict[str, Any]:
-        """The next error frame; the connection is still up after it (a ping gets its pong)."""
-        await self.wait_until(lambda: self.count("error") > 0)
-        assert not self.closed.is_set(), f"closed with {self.close_code} instead"
-        error = next(m for m in self.messages if m["type"] == "error")
-        self.messages.remove(error)
-        await self.synced()
-        return error
-
-    async def synced(self, pongs: int = 1) -> None:
-        """Ping, and wait for the pong (`pongs` of them in all): every frame before it has been
-        handled by the hub. Then forget the pongs."""
-        await self.send(text_frame('{"type":"ping"}'))
-        await self.wait_until(lambda: self.count("pong") >= pongs)
-        assert not self.closed.is_set(), f"closed with {self.close_code}"
-        self.messages = [m for m in self.messages if m["type"] != "pong"]
 
 
 # -- handshakes -----------------------------------------------------------------------------------
