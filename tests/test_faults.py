@@ -52,6 +52,16 @@ async def presence_and_updates(view: WebSocketConnection, into: list[dict[str, A
         into.append(await receive(view, "update", "presence", timeout=DEADLINE * 2))
 
 
+async def publish_then_half_a_frame(
+    old: RawPublisher, client_id: str, seen: list[dict[str, Any]]
+) -> None:
+    """An update that arrives (value 1), then the first half of the next one (value 2)."""
+    await old.send(text_frame(publish_frame(client_id=client_id, value=1.0)))
+    await wait_for(lambda: len(seen) == 2, "online, then the first update")
+    half = text_frame(publish_frame(client_id=client_id, value=2.0))
+    await old.send(half[: len(half) // 2])
+
+
 def _events(seen: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """(type, online or the value published, clientId) of each message."""
     return [
@@ -76,10 +86,7 @@ async def test_an_ea_whose_link_went_silent_mid_frame_reconnects_and_the_new_con
         await receive(view, "snapshot")
         nursery.start_soon(presence_and_updates, view, seen)
         async with RawPublisher.connect(hub.http_port) as old:
-            await old.send(text_frame(publish_frame(client_id="EA1_77", value=1.0)))
-            await wait_for(lambda: len(seen) == 2, "online, then the first update")
-            half = text_frame(publish_frame(client_id="EA1_77", value=2.0))
-            await old.stream.send_all(half[: len(half) // 2])  # and then the link goes quiet
+            await publish_then_half_a_frame(old, "EA1_77", seen)  # and then the link goes quiet
             async with publisher(hub.ws_url) as new:
                 await new.send_message(publish_frame(client_id="EA1_77", value=3.0))
                 # The hub ends the old connection at once, with a close code that says why...
@@ -110,10 +117,7 @@ async def test_an_ea_whose_link_reset_mid_frame_goes_offline_then_back_with_noth
         await receive(view, "snapshot")
         nursery.start_soon(presence_and_updates, view, seen)
         async with RawPublisher.connect(hub.http_port) as old:
-            await old.send(text_frame(publish_frame(client_id="EA1_78", value=1.0)))
-            await wait_for(lambda: len(seen) == 2, "online, then the first update")
-            half = text_frame(publish_frame(client_id="EA1_78", value=2.0))
-            await old.stream.send_all(half[: len(half) // 2])
+            await publish_then_half_a_frame(old, "EA1_78", seen)
             reset(old)
             await wait_for(lambda: len(seen) == 3, "offline: the hub saw the reset")
         async with publisher(hub.ws_url) as new:

@@ -405,6 +405,22 @@ async def test_a_tls_client_that_never_finishes_its_handshake_is_cut_at_ssl_hand
 # -- frames the WebSocket layer refuses -----------------------------------------------------------
 
 
+async def each_closed_with(
+    hub: RunningHub, log: LogWatch, cases: dict[str, bytes], code: int, healthy_key: str
+) -> None:
+    """Each case, on a connection of its own, is closed with `code` and logged once, while a
+    healthy publisher and viewer are served between every two of them."""
+    async with Healthy.connect(hub, key=healthy_key) as healthy:
+        for name, data in cases.items():
+            async with RawPublisher.connect(hub.http_port) as raw:
+                await raw.send(data)
+                assert await raw.closed_with() == code, name
+            await healthy.still_served()
+    lines = await log.wait_for_lines(len(cases), "publisher", f"closed {code} (bad frame)")
+    assert len(lines) == len(cases)
+    log.assert_clean()
+
+
 async def test_invalid_utf8_in_a_text_frame_is_closed_with_1007_and_logged(
     shared_hub: RunningHub,
 ) -> None:
@@ -420,15 +436,7 @@ async def test_invalid_utf8_in_a_text_frame_is_closed_with_1007_and_logged(
         "in-the-second-fragment": text_frame(publish[:10], fin=False)
         + frame(Opcode.CONTINUATION, b"\xff" + publish[10:]),
     }
-    async with Healthy.connect(shared_hub, key="UTF8_HEALTHY") as healthy:
-        for name, data in cases.items():
-            async with RawPublisher.connect(shared_hub.http_port) as raw:
-                await raw.send(data)
-                assert await raw.closed_with() == 1007, name
-            await healthy.still_served()
-    lines = await log.wait_for_lines(len(cases), "publisher", "closed 1007 (bad frame)")
-    assert len(lines) == len(cases)
-    log.assert_clean()
+    await each_closed_with(shared_hub, log, cases, 1007, healthy_key="UTF8_HEALTHY")
 
 
 async def test_websocket_protocol_violations_are_closed_with_1002_and_logged(
@@ -450,15 +458,7 @@ async def test_websocket_protocol_violations_are_closed_with_1002_and_logged(
         "close-with-a-reserved-code": frame(Opcode.CLOSE, struct.pack("!H", 1005)),
         "length-with-the-top-bit-set": b"\x81\xff" + b"\x80" + b"\0" * 7 + b"\0\0\0\0",
     }
-    async with Healthy.connect(shared_hub, key="PROTO_HEALTHY") as healthy:
-        for name, data in cases.items():
-            async with RawPublisher.connect(shared_hub.http_port) as raw:
-                await raw.send(data)
-                assert await raw.closed_with() == 1002, name
-            await healthy.still_served()
-    lines = await log.wait_for_lines(len(cases), "publisher", "closed 1002 (bad frame)")
-    assert len(lines) == len(cases)
-    log.assert_clean()
+    await each_closed_with(shared_hub, log, cases, 1002, healthy_key="PROTO_HEALTHY")
 
 
 async def test_a_message_over_the_limit_in_many_fragments_is_closed_with_1009(
