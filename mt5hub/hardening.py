@@ -48,9 +48,11 @@ from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Body, Data, Request, StreamClosed
 from hypercorn.trio import tcp_server
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Message, Ping
+from wsproto.events import CloseConnection, Message, Ping, Pong
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
+
+from .transport import LINK
 
 log = logging.getLogger("mt5hub")
 
@@ -157,10 +159,20 @@ async def _handle_events(self: Any) -> None:
                 self.task_group.spawn(_close_later, self)
                 continue
             if event.message_finished:
-                await self.app_put(self.buffer.to_message())
+                message = self.buffer.to_message()
                 self.buffer.clear()
+                link = self.scope.get(LINK)
+                if link is None:
+                    await self.app_put(message)
+                else:  # straight to the session (see mt5hub.transport.Link.take)
+                    text = message.get("text")
+                    link.take(text if text is not None else message.get("bytes") or b"")
         elif isinstance(event, Ping):
             await self._send_wsproto_event(event.response())
+        elif isinstance(event, Pong):
+            link = self.scope.get(LINK)
+            if link is not None:  # the viewer has read everything up to the ping it answers
+                link.answered(bytes(event.payload))
         elif isinstance(event, CloseConnection):
             if self.connection.state == ConnectionState.REMOTE_CLOSING:
                 await self._send_wsproto_event(event.response())

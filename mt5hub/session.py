@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -34,8 +35,8 @@ from .models import Decoder, parse_json
 
 log = logging.getLogger("mt5hub")
 
-WRITE_BATCH_BYTES = 64 * 1024  # a writer sends what is pending, up to this much, in one go
-PUBLISHER_OUTBOX = 16  # error frames and pings; a publisher that never reads loses some of them
+WRITE_BATCH_BYTES = 1024 * 1024  # a writer sends what is pending, up to this much, in one go
+PUBLISHER_OUTBOX = 64  # error frames and pings waiting to be sent; past that they are dropped
 CLOSE_GRACE = 1.0  # seconds to get a close frame out before giving up on a peer
 REFUSAL_LOG_INTERVAL = 10.0  # a connection's refused frames: one log line per this, at most
 # Closes are one line each, but per (code, address) at most one per 10 s: 5,000 sockets that
@@ -53,8 +54,20 @@ class Transport(Protocol):
     async def receive(self) -> str | bytes | None:
         """The next frame, or None once the peer has closed."""
 
-    async def send(self, frames: Sequence[Frame]) -> None:
-        """Write these frames in order; may block (uncancellably) while the peer reads nothing."""
+    def deliver_to(
+        self, take: Callable[[str | bytes], None], answered: Callable[[bytes], None]
+    ) -> None:
+        """From now on, hand each frame to `take` as it is read, instead of to `receive`, and
+        the payload of each pong to `answered`.
+
+        Frames that arrived before are handed over first, in order. A transport that cannot
+        (the tests' memory channels) keeps returning them from `receive`.
+        """
+
+    async def send(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
+        """Write these frames in order, then a WebSocket ping with this payload if one is given
+        and the transport can; True if it did. May block (uncancellably) while the peer reads
+        nothing."""
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -133,11 +146,20 @@ class Session:
         # A peer that sends nothing but junk cannot flood the log: its first refused frame is a
         # line, then one per REFUSAL_LOG_INTERVAL with the count of those in between.
         self._refusal_lines = LogThrottle(REFUSAL_LOG_INTERVAL)
+        self._frames_in = hub.metrics.frames_in.labels(self.role)
+        self._bytes_in = hub.metrics.bytes_in.labels(self.role)
+        # Flow control: each write ends with a ping; with `window` of them unanswered, the
+        # writer waits, and what comes meanwhile is conflated in the outbox (see _write).
+        self.window = 0
+        self._unanswered: deque[tuple[int, float]] = deque()  # (ping number, when sent)
+        self._pings = 0
+        self._answers = trio.lowlevel.ParkingLot()
 
     async def run(self) -> None:
         metrics = self.hub.metrics
         metrics.connections.labels(self.role).inc()
         metrics.connections_total.labels(self.role).inc()
+        self.transport.deliver_to(self.take, self.answered)
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -217,25 +239,44 @@ class Session:
         self.fail(ShuttingDown())
 
     async def _read(self) -> None:
-        while True:
+        """Frames that come through the framework (tests; Hypercorn when its internals changed).
+
+        Normally the transport hands each frame to `take` from Hypercorn's reading task and this
+        only waits: Quart then cancels the session when the peer leaves.
+        """
+        while self.error is None:
             frame = await self.transport.receive()
             if frame is None:
                 self._scope.cancel()  # the peer closed; writer and watchdog go with it
                 return
-            self.last_seen = trio.current_time()
-            self.hub.metrics.frames_in.labels(self.role).inc()
-            self.hub.metrics.bytes_in.labels(self.role).inc(len(frame))
-            try:
-                self.handle(frame)
-            except ProtocolError as exc:
-                self.hub.metrics.rejects.labels(exc.code).inc()
-                self._log_refusal(exc)
-                self.outbox.put(
-                    Frame(encode({"type": "error", "code": exc.code, "detail": exc.detail}))
-                )
-            except HubError as exc:
-                self.fail(exc)
-                return
+            self.take(frame)
+
+    def take(self, frame: str | bytes) -> None:
+        """One frame from the peer, handled at once, without waiting (so it never raises).
+
+        Called by the transport as each message is read off the socket: every frame a read
+        brought in is handled in that one step, instead of one frame per turn of the scheduler
+        through Hypercorn's and Quart's queues. Under load that made a publisher's frames wait
+        in its socket for seconds, unconflated, while every viewer was served between two of
+        them.
+        """
+        if self.error is not None:
+            return  # ending: what the peer still sends is dropped
+        self.last_seen = trio.current_time()
+        self._frames_in.inc()
+        self._bytes_in.inc(len(frame))
+        try:
+            self.handle(frame)
+        except ProtocolError as exc:
+            self.hub.metrics.rejects.labels(exc.code).inc()
+            self._log_refusal(exc)
+            error = {"type": "error", "code": exc.code, "detail": exc.detail}
+            self.outbox.put(Frame(encode(error)))
+        except HubError as exc:
+            self.fail(exc)
+        except Exception as exc:  # our bug: this session ends, the task that read it carries on
+            log.exception("%s %s: internal error", self.role, self.peer)
+            self.fail(HubError(repr(exc)))
 
     def handle(self, frame: str | bytes) -> None:
         raise NotImplementedError
@@ -251,11 +292,32 @@ class Session:
             exc.detail[:200],
         )
 
+    def answered(self, payload: bytes) -> None:
+        """A pong: the peer has read everything written before the ping it answers."""
+        if len(payload) != 8:
+            return  # not ours (a peer may send pongs unasked, as a heartbeat)
+        number = int.from_bytes(payload, "big")
+        while self._unanswered and self._unanswered[0][0] <= number:
+            self._unanswered.popleft()
+        self.last_seen = trio.current_time()
+        self._answers.unpark_all()
+
     async def _write(self) -> None:
+        """Send what the outbox holds, a batch at a time, at the pace the peer reads it.
+
+        Each write ends with a WebSocket ping, which the peer answers (RFC 6455; browsers do it
+        themselves) only after reading everything written before it. With `window` writes
+        unanswered the writer waits, while newer updates replace older ones in the outbox:
+        a viewer that reads slowly gets fewer, fresher frames instead of a queue of stale ones
+        in the kernel's buffers (its own and ours) that nothing can conflate. Without this, a
+        viewer behind by 500 KB of compressed updates was seconds behind.
+        """
         metrics = self.hub.metrics
         frames_out = metrics.frames_out.labels(self.role)  # resolved once: this is the hot path
         bytes_out = metrics.bytes_out.labels(self.role)
         while True:
+            while self.window and len(self._unanswered) >= self.window:
+                await self._answers.park()
             # Everything pending goes out in one write: a viewer that fell behind catches up in
             # fewer, larger sends instead of paying the per-send cost for every frame.
             batch = [await self.outbox.get()]
@@ -267,11 +329,20 @@ class Session:
             # after the session was cancelled, or the watchdog may already have stopped watching.
             await trio.lowlevel.checkpoint_if_cancelled()
             self._sending_since, self._sent = trio.current_time(), trio.Event()
+            ping = None
+            if self.window:
+                # Counted before the write: the pong may come back before the write returns.
+                self._pings += 1
+                ping = self._pings.to_bytes(8, "big")
+                self._unanswered.append((self._pings, self._sending_since))
             try:
-                await self.transport.send(batch)
+                pinged = await self.transport.send(batch, ping)
             finally:
                 self._sending_since = None
                 self._sent.set()
+            if ping is not None and not pinged:  # the transport cannot ping (HTTP/2, tests)
+                self.window = 0
+                self._unanswered.clear()
             frames_out.inc(len(batch))
             bytes_out.inc(size)
             now = trio.current_time()
@@ -312,9 +383,15 @@ class Session:
             if self._sending_since is not None and now - self._sending_since >= stuck_after:
                 self.fail(TooSlow(f"socket took nothing for {now - self._sending_since:.0f} s"))
                 return
+            if self._unanswered and now - self._unanswered[0][1] >= stuck_after:
+                waited = now - self._unanswered[0][1]
+                self.fail(TooSlow(f"read nothing it was sent for {waited:.0f} s"))
+                return
             wake = [self.last_seen + self.timeout, max(self.last_seen, pinged_at) + interval]
             if self._sending_since is not None:
                 wake.append(self._sending_since + stuck_after)
+            elif self._unanswered:
+                wake.append(self._unanswered[0][1] + stuck_after)
             else:
                 wake.append(now + stuck_after)  # a send may start meanwhile: look again by then
             await trio.sleep_until(min(wake))
@@ -389,6 +466,7 @@ class ViewerSession(Session):
 
     def __init__(self, hub: Hub, transport: Transport, settings: Settings, peer: str) -> None:
         super().__init__(hub, transport, settings, peer, settings.viewer_timeout)
+        self.window = settings.viewer_window
 
     async def run(self) -> None:
         with self.hub.viewer() as self.outbox:

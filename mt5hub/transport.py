@@ -43,6 +43,7 @@ from .metrics import Metrics
 log = logging.getLogger("mt5hub")
 
 LINK = "mt5hub.link"  # key of the Link in the ASGI scope
+EARLY_FRAMES = 64  # frames kept for a session that has not started yet; more are dropped
 
 
 _FRAMER = FrameProtocol(client=False, extensions=[])  # stateless for whole, unmasked messages
@@ -84,6 +85,23 @@ class Link:
         self._raw_ok = raw_ok  # HTTP/1.1: frames may be written straight to the socket
         self._server: Any = None
         self.deflate_bits: int | None = None  # permessage-deflate's window, if negotiated
+        # Where mt5hub.hardening hands each message as Hypercorn reads it: kept here until the
+        # session says where they go (deliver_to), so that none overtakes another.
+        self.take: Callable[[str | bytes], None] = self._keep
+        self._early: list[str | bytes] = []
+        self.answered: Callable[[bytes], None] = _ignore  # pongs, as mt5hub.hardening reads them
+
+    def _keep(self, frame: str | bytes) -> None:
+        if len(self._early) < EARLY_FRAMES:
+            self._early.append(frame)
+
+    def deliver_to(
+        self, take: Callable[[str | bytes], None], answered: Callable[[bytes], None]
+    ) -> None:
+        early, self._early = self._early, []
+        for frame in early:
+            take(frame)
+        self.take, self.answered = take, answered
 
     def raw_server(self) -> Any:
         """Hypercorn's TCPServer of this connection, if frames may be written to it directly."""
@@ -135,6 +153,10 @@ class Link:
             pass  # already closed
         sock.close()  # trio wakes any task blocked on this socket with ClosedResourceError
         return True
+
+
+def _ignore(payload: bytes) -> None:
+    pass
 
 
 def _find_tcp_server(send: Any) -> Any:
@@ -216,6 +238,11 @@ class QuartTransport:
     def peer_closed(self) -> bool:
         return self._link.peer_closed
 
+    def deliver_to(
+        self, take: Callable[[str | bytes], None], answered: Callable[[bytes], None]
+    ) -> None:
+        self._link.deliver_to(take, answered)
+
     async def receive(self) -> str | bytes | None:
         # When the peer leaves, quart-trio cancels the handler instead of returning. It returns
         # None only for an empty binary message (it passes on `bytes or text`): a binary frame,
@@ -223,19 +250,21 @@ class QuartTransport:
         message = await self._ws.receive()
         return b"" if message is None else message
 
-    async def send(self, frames: Sequence[Frame]) -> None:
+    async def send(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
         server = self._link.raw_server()
         if server is None:
             # ASGI, one message at a time (but not through Quart's wrappers: the socket is
-            # accepted already and this is the fan-out's hot path).
+            # accepted already and this is the fan-out's hot path). ASGI cannot ping.
             for frame in frames:
                 await self._link.asgi_send({"type": "websocket.send", "text": frame.text})
-            return
+            return False
         bits = self._link.deflate_bits
         if bits is not None:  # count what this viewer is the first to need compressed
             fresh = [f for f in frames if f.deflated is None or bits not in f.deflated]
             self._compressions.inc(len(fresh))
         data = b"".join(wire(frame, bits) for frame in frames)
+        if ping is not None:
+            data += _FRAMER.ping(ping)
         lock = server.send_lock
         try:
             lock.acquire_nowait()
@@ -250,6 +279,7 @@ class QuartTransport:
             self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
         finally:
             lock.release()
+        return ping is not None
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)

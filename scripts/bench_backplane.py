@@ -73,6 +73,7 @@ workers = {workers}
 bind = ["127.0.0.1:{port}"]          # plain WS/HTTP: no certfile
 websocket_max_message_size = 1048576
 graceful_timeout = 2.0
+backlog = 1024                     # a thousand viewers connect within seconds
 accesslog = "-"
 errorlog = "-"
 
@@ -87,6 +88,8 @@ rate_limit = 10000.0        # generous: the benchmark sets the rate, not the lim
 rate_burst = 20000
 flood_seconds = 5.0
 max_rows = 500
+max_viewers = 10000         # the load generator's viewers all come from 127.0.0.1
+max_viewers_per_ip = 10000
 allowed_origins = []
 viewer_tokens = []
 backplane = "{backplane}"

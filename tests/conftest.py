@@ -32,6 +32,27 @@ EA1_ONLY_TOKEN = "token-for-ea1-only"
 IN_CI = os.environ.get("CI") == "true"
 
 
+def _pong_unless_closing() -> None:
+    """trio-websocket 0.12 answers a ping that crosses its own close frame, which wsproto refuses
+    (LocalProtocolError out of the client's reader task: python-trio/trio-websocket#184, fix
+    proposed in #198). The hub pings a viewer after every write (flow control), so the tests'
+    trio-websocket viewers meet that race whenever they close while updates flow. RFC 6455 says
+    a ping after a close need not be answered; this is what #198 does."""
+    import trio_websocket._impl as impl
+    from wsproto.connection import ConnectionState
+
+    original = impl.WebSocketConnection._handle_ping_event
+
+    async def handle_ping(self: Any, event: Any) -> None:
+        if self._wsproto.state == ConnectionState.OPEN:
+            await original(self, event)
+
+    impl.WebSocketConnection._handle_ping_event = handle_ping  # type: ignore[method-assign]
+
+
+_pong_unless_closing()
+
+
 def require_tool(path: str, why: str) -> str:
     """Find a system tool; a missing one skips locally but fails in CI (which must install it)."""
     found = shutil.which(path) or (path if os.path.exists(path) else None)

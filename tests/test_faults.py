@@ -319,16 +319,27 @@ async def test_viewers_that_never_read_are_conflated_then_dropped_and_memory_sta
         for _ in range(20):
             await stack.enter_async_context(stalled_viewer(hub.http_port))
         await wait_for(lambda: _has_viewers(hub, 21), "the stalled viewers connected")
+        held = trio.Event()  # set once the healthy viewer holds the latest publish
         n = 0
-        while not await _has_viewers(hub, 1):  # 50 updates/s until every stalled one is gone
-            assert n < 5000, "the stalled viewers were never disconnected"
-            n += 1
-            await pub.send_message(publish_frame(pairs=pairs, value=n))
-            await trio.sleep(0.02)
-            if n % 25 == 0:
-                rss.append((await health(hub))["rss_bytes"])
-        while (await receive(healthy, "update"))["data"][0]["TF_data"][0]["M1"] != n:
-            pass  # the healthy viewer ends with the latest state
+
+        async def read_as_it_comes() -> None:  # as a dashboard does: it reads all along
+            while True:
+                update = await receive(healthy, "update")
+                if update["data"][0]["TF_data"][0]["M1"] == n:
+                    held.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_as_it_comes)
+            while not await _has_viewers(hub, 1):  # 50 updates/s until every stalled one is gone
+                assert n < 5000, "the stalled viewers were never disconnected"
+                n += 1
+                await pub.send_message(publish_frame(pairs=pairs, value=n))
+                await trio.sleep(0.02)
+                if n % 25 == 0:
+                    rss.append((await health(hub))["rss_bytes"])
+            with trio.fail_after(DEADLINE):
+                await held.wait()  # the healthy viewer ends with the latest state
+            nursery.cancel_scope.cancel()
         after = (await health(hub))["rss_bytes"]
     assert await metric(hub, "mt5hub_closes_total", role="viewer", code="4009") == 20
     assert await metric(hub, "mt5hub_conflated_total") > 0  # they fell behind and were conflated

@@ -868,7 +868,8 @@ async def test_random_frames_on_a_raw_socket_never_hurt_the_hub_or_anyone_else(
     assert set(closes) <= {1002, 1007, 1009, None}, closes  # never 1011
     assert set(errors) <= {"bad_json", "bad_schema", "unknown_type"}, errors
     seqs = [m["seq"] for m in seen]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # in order, none lost or twice
+    # In order and never twice; frames of one read may be conflated to their latest.
+    assert seqs == sorted(set(seqs)), seqs
     assert all(m["data"] in published.values() for m in seen[:-1])  # only real publishes
     async with viewer(hub.ws_url) as late:
         [table] = [t for t in (await receive(late, "snapshot"))["tables"] if t["key"] == "FUZZ"]

@@ -52,7 +52,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
 HubFactory = Callable[..., RunningHub]
@@ -203,26 +203,34 @@ async def test_wss_viewer_gets_a_snapshot_of_every_table_then_updates_then_offli
     assert all(m["clientId"] == "c1" and isinstance(m["ts"], int) for m in gone)
 
 
-class DeflateViewer:
-    """A viewer that offers permessage-deflate, as browsers do, on a raw wsproto connection.
+class WsprotoViewer:
+    """A viewer on a raw wsproto connection, that can offer permessage-deflate as browsers do,
+    and answer the hub's WebSocket pings as they come (as browsers do) or when told to.
 
     Its inflater keeps its window between messages (it allows the hub context takeover), so it
     proves that updates compressed once, each on its own, decode for such clients too.
     """
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, answer_pings: bool) -> None:
         self.stream, self.ws, self.raw_bytes, self.compressed = stream, WSConnection(CLIENT), 0, 0
         self.pending: list[Any] = []
+        self.answer_pings = answer_pings
+        self.pings: list[Ping] = []  # received and not answered yet
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, port: int) -> AsyncIterator[DeflateViewer]:
-        self = cls(await trio.open_tcp_stream("127.0.0.1", port))
+    async def connect(
+        cls, port: int, deflate: bool = True, answer_pings: bool = True
+    ) -> AsyncIterator[WsprotoViewer]:
+        self = cls(await trio.open_tcp_stream("127.0.0.1", port), answer_pings)
         async with self.stream:
-            offer = Request(f"127.0.0.1:{port}", "/ws", extensions=[PerMessageDeflate()])
-            await self.stream.send_all(self.ws.send(offer))
+            extensions = [PerMessageDeflate()] if deflate else []
+            await self.stream.send_all(
+                self.ws.send(Request(f"127.0.0.1:{port}", "/ws", extensions=extensions))
+            )
             accepted = await self._event()
-            assert isinstance(accepted, AcceptConnection) and accepted.extensions
+            assert isinstance(accepted, AcceptConnection)
+            assert bool(accepted.extensions) == deflate
             yield self
 
     async def _event(self) -> Any:
@@ -240,10 +248,26 @@ class DeflateViewer:
         parts = []
         while True:
             event = await self._event()
-            if isinstance(event, TextMessage):
+            if isinstance(event, Ping):
+                self.pings.append(event)
+                if self.answer_pings:
+                    await self.answer()
+            elif isinstance(event, TextMessage):
                 parts.append(event.data)
                 if event.message_finished:
                     return json.loads("".join(parts))  # type: ignore[no-any-return]
+
+    async def answer(self) -> None:
+        """Pong every ping received so far: all that came before them has been read."""
+        for ping in self.pings:
+            await self.stream.send_all(self.ws.send(ping.response()))
+        self.pings.clear()
+
+    async def nothing_more(self, seconds: float = 0.3) -> None:
+        """Whatever arrives within `seconds` is a failure (a wait that can only ever pass late)."""
+        with trio.move_on_after(seconds):
+            message = await self.message()
+            raise AssertionError(f"the hub sent {message} before its ping was answered")
 
 
 def _rsv1_frames(data: bytes) -> int:
@@ -255,8 +279,8 @@ async def test_viewers_offering_permessage_deflate_get_updates_compressed_and_in
     hub: RunningHub,
 ) -> None:
     async with (
-        DeflateViewer.connect(hub.http_port) as one,
-        DeflateViewer.connect(hub.http_port) as two,
+        WsprotoViewer.connect(hub.http_port) as one,
+        WsprotoViewer.connect(hub.http_port) as two,
         viewer(hub.ws_url) as plain,
         publisher(hub.ws_url) as pub,
     ):
@@ -264,24 +288,64 @@ async def test_viewers_offering_permessage_deflate_get_updates_compressed_and_in
             assert (await view.message())["type"] == "snapshot"
         await receive(plain, "snapshot")
         sent = []
-        for n in range(20):
+        got: dict[WsprotoViewer, list[dict[str, Any]]] = {one: [], two: []}
+        for n in range(20):  # paced like an EA, one at a time (a burst would be conflated)
             frame = publish_frame(key="EA1", value=n, pairs=[f"P{i:02d}" for i in range(28)])
             sent.append(json.loads(frame)["data"])
             await pub.send_message(frame)
+            # the plain viewer on the same hub gets the same, uncompressed
+            assert (await next_update(plain))["data"] == sent[n]
+            for view in (one, two):  # read as they come, as a browser does
+                while len(got[view]) <= n:
+                    if (message := await view.message())["type"] == "update":
+                        got[view].append(message)
         for view in (one, two):
-            got = []
-            while len(got) < 20:
-                message = await view.message()
-                if message["type"] == "update":
-                    got.append(message)
-            assert [m["seq"] for m in got] == list(range(1, 21))
-            assert [m["data"] for m in got] == sent  # every one decodes, in a kept window
+            assert [m["seq"] for m in got[view]] == list(range(1, 21))
+            assert [m["data"] for m in got[view]] == sent  # each decodes, in a kept window
             assert view.compressed > 0
             assert view.raw_bytes < sum(len(json.dumps(d)) for d in sent) / 3
-        for n in range(20):  # the plain viewer on the same hub gets the same, uncompressed
-            assert (await next_update(plain))["data"] == sent[n]
     # Each update and presence was compressed once for both; each snapshot is a viewer's own.
     assert await metric(hub, "mt5hub_compressions_total") == 20 + 2 + 2
+
+
+async def test_a_viewer_is_sent_no_more_until_it_has_read_what_it_was_sent(
+    hub_factory: Callable[..., RunningHub],
+) -> None:
+    """Flow control: each write ends with a ping, and with `viewer_window` writes unanswered the
+    hub waits; what is published meanwhile is conflated, so the pong brings the latest state
+    only. A viewer that reads but never answers is one that has stopped reading: 4009."""
+    hub = hub_factory(viewer_window=2, slow_viewer_timeout=2.0)
+    async with (
+        WsprotoViewer.connect(hub.http_port, deflate=False, answer_pings=False) as view,
+        viewer(hub.ws_url) as prompt,
+        publisher(hub.ws_url) as pub,
+    ):
+        assert (await view.message())["type"] == "snapshot"  # write 1, and its ping
+        await receive(prompt, "snapshot")
+        for n in range(1, 6):
+            await pub.send_message(publish_frame(key="EA1", value=n))
+            assert (await next_update(prompt))["seq"] == n  # a prompt viewer gets every one
+        # write 2 was update 1 (presence came first, in write 2 or 3), then the hub waited
+        got = [await view.message()]
+        while got[-1]["type"] != "update":
+            got.append(await view.message())
+        assert got[-1]["seq"] == 1
+        await view.nothing_more()
+        assert len(view.pings) == 2
+        await view.answer()  # the viewer has read it all: the latest state, and only that
+        latest = await view.message()
+        while latest["type"] != "update":
+            latest = await view.message()
+        assert latest["seq"] == 5
+        assert await metric(hub, "mt5hub_conflated_total") >= 3  # updates 2 to 4, never sent
+        # now it stops answering: cut off once slow_viewer_timeout has passed
+        with trio.fail_after(DEADLINE):
+            while True:
+                try:
+                    await view.message()
+                except (AssertionError, trio.BrokenResourceError):
+                    break  # the hub hung up (aborted: no close frame through a stuck socket)
+        assert await metric(hub, "mt5hub_closes_total", role="viewer", code="4009") == 1
 
 
 async def test_5_publishers_and_20_viewers_all_end_with_the_latest_seq_of_every_table(
