@@ -76,12 +76,12 @@ class Settings:
     ping_interval: float = 10.0
     publisher_timeout: float = 30.0
     viewer_timeout: float = 30.0
-    viewer_buffer: int = 64
+    viewer_buffer: int = 64  # frames without a table (snapshot, pings, errors) queued per connection
     slow_viewer_timeout: float = 10.0
     viewer_send_buffer: int = 256 * 1024  # bytes of kernel send buffer per viewer; 0: the OS's
     # Writes a viewer may have in flight, each followed by a WebSocket ping, before the hub waits
     # for its pong (which comes once the viewer has read everything before it). 0: no limit.
-    viewer_window: int = 2
+    viewer_window: int = 1
     max_viewers: int = 2000  # viewer connections in all: more get HTTP 503
     max_viewers_per_ip: int = 50  # viewer connections from one client address: more get 429
     max_publishers: int = 1000  # publisher connections (after their token was accepted)
