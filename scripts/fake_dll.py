@@ -265,10 +265,16 @@ class ViewerSocket:
         await self.stream.send_all(self.ws.send(event))
 
     async def _events(self) -> AsyncIterator[Any]:
-        while data := await self.stream.receive_some(RECEIVE_BYTES):
-            self.ws.receive_data(data)  # type: ignore[arg-type]  # any bytes-like will do
+        while True:
+            # What an earlier read brought in comes first: the read that completed the handshake
+            # may hold the snapshot and the hub's first ping, and the hub sends nothing more
+            # until that ping is answered (flow control).
             for event in self.ws.events():
                 yield event
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                return
+            self.ws.receive_data(data)  # type: ignore[arg-type]  # any bytes-like will do
 
     async def messages(self) -> AsyncIterator[str]:
         async for event in self._events():

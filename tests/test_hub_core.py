@@ -330,6 +330,59 @@ async def test_slow_viewer_never_delays_others_and_is_dropped_when_stuck(
         assert len(r.hub.viewers) == 1
 
 
+class PingingTransport(MemoryTransport):
+    """A viewer's socket with flow control: each write may end with a ping, which the peer
+    answers (`pong`) only when the test says it has read that far."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__(window)
+        self.pings: list[bytes] = []
+        self._answered: Callable[[bytes], None] | None = None
+
+    def deliver_to(
+        self, take: Callable[[str | bytes], None], answered: Callable[[bytes], None]
+    ) -> None:
+        self._answered = answered
+
+    async def send(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
+        await super().send(frames)
+        if ping is None:
+            return False
+        self.pings.append(ping)
+        return True
+
+    def pong(self) -> None:
+        assert self._answered is not None
+        for ping in self.pings:
+            self._answered(ping)
+        self.pings.clear()
+
+
+async def test_a_viewer_is_written_to_again_only_once_it_answered_the_last_ping(
+    autojump_clock: MockClock,
+) -> None:
+    async with rig(attrs.evolve(SETTINGS, viewer_window=1)) as r:
+        view = PingingTransport(1000)
+        await r._start(ViewerSession(r.hub, view, r.settings, "viewer").run)
+        assert (await view.hear())["type"] == "snapshot"
+        assert len(view.pings) == 1
+        pub = await r.publisher()
+        for n in range(1, 4):
+            await pub.say(publish_frame(key="EA1", value=n))
+            await trio.testing.wait_all_tasks_blocked()
+        assert view.heard_so_far() == []  # held: the snapshot's ping is not answered yet
+        view.pong()
+        await trio.testing.wait_all_tasks_blocked()
+        heard = view.heard_so_far()  # what it missed, as one write: the latest of each kind
+        assert [(m["type"], m.get("seq")) for m in heard] == [("presence", None), ("update", 3)]
+        assert r.hub.metrics.conflated._value.get() == 2
+        await trio.sleep(SETTINGS.slow_viewer_timeout - 1)  # it answers nothing more...
+        assert not view.aborted
+        await trio.sleep(2)  # ...and is dropped once slow_viewer_timeout has passed
+        assert view.aborted
+        assert r.hub.metrics.closes.labels("viewer", "4009")._value.get() == 1
+
+
 async def test_conflated_viewer_still_ends_with_the_latest_state_of_every_table(
     autojump_clock: MockClock,
 ) -> None:
