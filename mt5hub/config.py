@@ -76,7 +76,7 @@ class Settings:
     ping_interval: float = 10.0
     publisher_timeout: float = 30.0
     viewer_timeout: float = 30.0
-    viewer_buffer: int = 64  # frames without a table (snapshot, pings, errors) queued per connection
+    viewer_buffer: int = 64  # frames without a table (snapshot, pings, errors) held per connection
     slow_viewer_timeout: float = 10.0
     viewer_send_buffer: int = 256 * 1024  # bytes of kernel send buffer per viewer; 0: the OS's
     # Writes a viewer may have in flight, each followed by a WebSocket ping, before the hub waits

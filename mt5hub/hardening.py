@@ -31,6 +31,9 @@ handshake's connection ends; after a 1009 the rest of the message is read and dr
 stays at the limit) and the connection ends when the peer answers the close, or CLOSE_GRACE
 later; a frame wsproto refuses is answered with its close code; a compressed message is
 inflated at most `max_message` bytes at a time (5). 1, 3, 4 and 5 are a log line each.
+The same handler also hands each whole message, and each pong, to the connection's
+`mt5hub.transport.Link` at once, instead of through Hypercorn's and Quart's queues (one message
+per turn of the scheduler each): see `Session.take` and `Session.answered`.
 Like `transport`, this relies on Hypercorn's internals (pinned in pyproject.toml);
 tests/test_hostile.py shows each on real sockets.
 """

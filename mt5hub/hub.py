@@ -1,9 +1,9 @@
 """The fan-out core: tables, their latest state, presence, and one mailbox per viewer.
 
 No web framework in here. Everything is synchronous and non-blocking on the publish path: an
-update is encoded once, stored, and dropped into every viewer's mailbox with `send_nowait`, so
-one slow viewer can never hold up a publisher or another viewer. Tests drive it with memory
-channels alone.
+update is encoded once, stored, and put in every viewer's mailbox (which keeps the latest frame
+per table) without waiting, so one slow viewer can never hold up a publisher or another viewer.
+Tests drive it with memory channels alone.
 """
 
 from __future__ import annotations

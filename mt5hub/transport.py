@@ -15,6 +15,8 @@ where deflate was negotiated, the payload compressed on its own (a message that 
 earlier one is valid whether or not the peer expects context takeover). So each update's frame is
 made once (`wire`) and a viewer's pending frames go out in one `send_all`, under the TCPServer's
 own send lock so that nothing interleaves with Hypercorn's control frames. HTTP/2 uses ASGI.
+A write may end with a WebSocket ping (flow control, see `Session._write`); the pongs, like the
+peer's messages, come back through the Link (`answered`, `take`), called by mt5hub.hardening.
 
 The walk depends on Hypercorn's internals (pinned in pyproject.toml). Real sockets prove both
 paths: tests/test_hub_server.py the direct one (its clients offer no compression, like the DLL),
