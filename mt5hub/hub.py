@@ -354,9 +354,11 @@ class Hub:
         return Frame(f'{{"type":"snapshot","ts":{self.now_ms()},"tables":[{entries}]}}')
 
     @contextmanager
-    def viewer(self) -> Iterator[Mailbox]:
-        """A mailbox that holds the snapshot, then every update, for as long as the block runs."""
-        mailbox = Mailbox(self.viewer_buffer, self.metrics, "viewer")
+    def viewer(self, mailbox: Mailbox | None = None) -> Iterator[Mailbox]:
+        """A mailbox (a new one, or this one) that holds the snapshot, then every update, for as
+        long as the block runs."""
+        if mailbox is None:
+            mailbox = Mailbox(self.viewer_buffer, self.metrics, "viewer")
         mailbox.put(self.snapshot())
         self.viewers.add(mailbox)
         try:

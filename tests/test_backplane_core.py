@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -54,19 +52,9 @@ class PromptViewer(Mailbox):
         self.taken.append(json.loads(frame.text))
 
 
-@contextmanager
-def prompt_viewer(hub: Hub) -> Iterator[PromptViewer]:
-    viewer = PromptViewer(hub)
-    viewer.put(hub.snapshot())
-    hub.viewers.add(viewer)
-    try:
-        yield viewer
-    finally:
-        hub.viewers.discard(viewer)
-
-
-def drain(viewer: PromptViewer) -> list[dict[str, Any]]:
+def drain(viewer: Mailbox) -> list[dict[str, Any]]:
     """What the viewer took since the last drain."""
+    assert isinstance(viewer, PromptViewer)
     taken, viewer.taken = viewer.taken, []
     return taken
 
@@ -78,7 +66,7 @@ def update(seq: int | None, value: int = 0, table: tuple[str, str] = T) -> Event
 
 async def test_updates_numbered_by_the_backplane_are_applied_once_and_never_go_back() -> None:
     hub = Hub()
-    with prompt_viewer(hub) as mailbox:
+    with hub.viewer(PromptViewer(hub)) as mailbox:
         drain(mailbox)  # the snapshot
         assert [hub.apply(update(seq)) for seq in (1, 2, 2, 1, 5, 4, 6)] == [
             True, True, False, False, True, False, True
@@ -90,7 +78,7 @@ async def test_updates_numbered_by_the_backplane_are_applied_once_and_never_go_b
 
 async def test_presence_is_sent_to_viewers_only_when_it_changes() -> None:
     hub = Hub()
-    with prompt_viewer(hub) as mailbox:
+    with hub.viewer(PromptViewer(hub)) as mailbox:
         drain(mailbox)
         online = hub.presence_event(T, "EA1_1", online=True)
         offline = hub.presence_event(T, "EA1_1", online=False)
@@ -135,7 +123,7 @@ async def test_past_the_pending_limit_a_table_keeps_only_its_newest_update() -> 
 async def test_when_redis_goes_away_unsent_and_unconfirmed_events_reach_local_viewers() -> None:
     hub, bp = Hub(), RedisBackplane("redis://127.0.0.1:1/0")
     hub.backplane = bp
-    with prompt_viewer(hub) as mailbox:
+    with hub.viewer(PromptViewer(hub)) as mailbox:
         drain(mailbox)
         _up(bp)
         bp._inflight = {1: update(None, 1), 2: update(None, 2)}  # written, 1 came back already
@@ -158,7 +146,7 @@ async def test_when_redis_goes_away_unsent_and_unconfirmed_events_reach_local_vi
 
 async def test_one_channel_message_carries_a_batch_of_updates_and_presence_in_order() -> None:
     hub, bp = Hub(), RedisBackplane("redis://127.0.0.1:1/0")
-    with prompt_viewer(hub) as mailbox:
+    with hub.viewer(PromptViewer(hub)) as mailbox:
         drain(mailbox)
         table = ("EA\n1", "src with spaces")  # JSON escapes what could split a record
         pretty = '{"type":"update",\n  "key":"EA\\n1","note":"€ two\\nlines"}'  # pretty-printed
