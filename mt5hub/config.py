@@ -79,9 +79,9 @@ class Settings:
     viewer_buffer: int = 64  # frames without a table (snapshot, pings, errors) held per connection
     slow_viewer_timeout: float = 10.0
     viewer_send_buffer: int = 256 * 1024  # bytes of kernel send buffer per viewer; 0: the OS's
-    # Writes a viewer may have in flight, each followed by a WebSocket ping, before the hub waits
-    # for its pong (which comes once the viewer has read everything before it). 0: no limit.
-    viewer_window: int = 1
+    # Flow control: how far behind its reading (by the age of an unanswered WebSocket ping) a
+    # viewer may be and still be written to at once; past it, one write per pong. inf: none.
+    viewer_lag: float = 0.05
     max_viewers: int = 2000  # viewer connections in all: more get HTTP 503
     max_viewers_per_ip: int = 50  # viewer connections from one client address: more get 429
     max_publishers: int = 1000  # publisher connections (after their token was accepted)
@@ -113,8 +113,8 @@ class Settings:
         for n, viewer_token in enumerate(self.viewer_tokens):
             if problem := hash_problem(viewer_token):
                 found.append(f"viewer_tokens[{n}]: {problem}")
-        if self.viewer_window < 0:
-            found.append("viewer_window: must be 0 (no limit) or more")
+        if not self.viewer_lag >= 0:  # also refuses NaN
+            found.append("viewer_lag: must be 0 seconds or more (inf: no flow control)")
         for name in ("max_viewers", "max_viewers_per_ip", "max_publishers"):
             if getattr(self, name) < 1:
                 found.append(f"{name}: must be at least 1")

@@ -65,6 +65,8 @@ class Mailbox:
     """
 
     def __init__(self, size: int, metrics: Metrics, role: str) -> None:
+        # Set by a connection that can take a frame at once, in the caller's task (see put).
+        self.express: Callable[[Frame], bool] | None = None
         self._pending: dict[object, Frame] = {}
         self._unslotted = 0
         self._size = size
@@ -74,6 +76,8 @@ class Mailbox:
 
     def put(self, frame: Frame) -> None:
         pending = self._pending
+        if not pending and self.express is not None and self.express(frame):
+            return  # nothing was waiting, and the connection took it at once
         if frame.slot is None:
             if self._unslotted >= self._size:
                 self._metrics.dropped.labels(self._role).inc()
@@ -100,9 +104,15 @@ class Mailbox:
         return frame
 
     async def get(self) -> Frame:
-        while (frame := self.get_nowait()) is None:
-            await self._lot.park()
+        await self.wait()
+        frame = self.get_nowait()
+        assert frame is not None  # one reader per mailbox: nobody took it meanwhile
         return frame
+
+    async def wait(self) -> None:
+        """Until a frame is waiting (it stays in the mailbox, where newer ones may replace it)."""
+        while not self._pending:
+            await self._lot.park()
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -68,6 +67,10 @@ class Transport(Protocol):
         """Write these frames in order, then a WebSocket ping with this payload if one is given
         and the transport can; True if it did. May block (uncancellably) while the peer reads
         nothing."""
+
+    def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
+        """Like `send`, but at once, without waiting, and only if the socket surely takes it
+        all; False (and nothing written) otherwise."""
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -148,11 +151,14 @@ class Session:
         self._refusal_lines = LogThrottle(REFUSAL_LOG_INTERVAL)
         self._frames_in = hub.metrics.frames_in.labels(self.role)
         self._bytes_in = hub.metrics.bytes_in.labels(self.role)
-        # Flow control: each write ends with a ping; with `window` of them unanswered, the
-        # writer waits, and what comes meanwhile is conflated in the outbox (see _write).
-        self.window = 0
-        self._unanswered: deque[tuple[int, float]] = deque()  # (ping number, when sent)
+        self._frames_out = hub.metrics.frames_out.labels(self.role)  # resolved once: hot path
+        self._bytes_out = hub.metrics.bytes_out.labels(self.role)
+        # Flow control by WebSocket pings (see _write); None: none (publishers, HTTP/2).
+        self.lag: float | None = None
+        self._ping: tuple[int, float] | None = None  # (number, when sent) of the ping out
         self._pings = 0
+        self._last_ping_at = -math.inf
+        self._last_rtt = 0.0  # how long the last ping took to come back
         self._answers = trio.lowlevel.ParkingLot()
 
     async def run(self) -> None:
@@ -296,32 +302,43 @@ class Session:
         """A pong: the peer has read everything written before the ping it answers."""
         if len(payload) != 8:
             return  # not ours (a peer may send pongs unasked, as a heartbeat)
-        number = int.from_bytes(payload, "big")
-        while self._unanswered and self._unanswered[0][0] <= number:
-            self._unanswered.popleft()
-        self.last_seen = trio.current_time()
-        self._answers.unpark_all()
+        now = self.last_seen = trio.current_time()
+        if self._ping is not None and int.from_bytes(payload, "big") >= self._ping[0]:
+            self._last_rtt = now - self._ping[1]
+            self._ping = None
+            self._answers.unpark_all()
+
+    def _behind(self) -> bool:
+        """Whether the peer is too far behind in its reading to be written to now.
+
+        It is when a ping is out and has been for `lag` seconds, or when a ping is out at all and
+        the last one took that long to come back: a peer that answers promptly is written to as
+        updates come, one that does not gets one write per answer.
+        """
+        if self._ping is None or self.lag is None:
+            return False
+        return max(self._last_rtt, trio.current_time() - self._ping[1]) >= self.lag
 
     async def _write(self) -> None:
         """Send what the outbox holds, a batch at a time, at the pace the peer reads it.
 
-        Each write ends with a WebSocket ping, which the peer answers (RFC 6455; browsers do it
-        themselves) only after reading everything written before it. With `window` writes
-        unanswered the writer waits, while newer updates replace older ones in the outbox:
-        a viewer that reads slowly gets fewer, fresher frames instead of a queue of stale ones
-        in the kernel's buffers (its own and ours) that nothing can conflate. Without this, a
-        viewer behind by 500 KB of compressed updates was seconds behind.
+        A write ends with a WebSocket ping when none is out and the last went out `lag` seconds
+        ago or more; the peer answers it (RFC 6455; browsers do it themselves) only after
+        reading everything written before it. While the peer is behind (see `_behind`) the
+        writer waits, and newer updates replace older ones in the outbox: a viewer that reads
+        slowly gets fewer, fresher frames instead of a queue of stale ones in the kernel's
+        buffers (its own and ours) that nothing can conflate. Without this, a viewer behind by
+        500 KB of compressed updates was seconds behind. A prompt viewer is written to at once
+        and answers a ping every `lag` seconds, not one per write.
         """
-        metrics = self.hub.metrics
-        frames_out = metrics.frames_out.labels(self.role)  # resolved once: this is the hot path
-        bytes_out = metrics.bytes_out.labels(self.role)
         while True:
-            while self.window and len(self._unanswered) >= self.window:
+            await self.outbox.wait()
+            while self._behind():
                 await self._answers.park()
             # Everything pending goes out in one write: a viewer that fell behind catches up in
             # fewer, larger sends instead of paying the per-send cost for every frame.
-            batch = [await self.outbox.get()]
-            size = len(batch[0].text)
+            batch: list[Frame] = []
+            size = 0
             while size < WRITE_BATCH_BYTES and (frame := self.outbox.get_nowait()) is not None:
                 batch.append(frame)
                 size += len(frame.text)
@@ -329,26 +346,61 @@ class Session:
             # after the session was cancelled, or the watchdog may already have stopped watching.
             await trio.lowlevel.checkpoint_if_cancelled()
             self._sending_since, self._sent = trio.current_time(), trio.Event()
-            ping = None
-            if self.window:
-                # Counted before the write: the pong may come back before the write returns.
-                self._pings += 1
-                ping = self._pings.to_bytes(8, "big")
-                self._unanswered.append((self._pings, self._sending_since))
+            ping = self._ping_due(self._sending_since)
+            if ping is not None:  # counted before the write: the pong may come back first
+                self._pinged(self._sending_since)
             try:
                 pinged = await self.transport.send(batch, ping)
             finally:
                 self._sending_since = None
                 self._sent.set()
             if ping is not None and not pinged:  # the transport cannot ping (HTTP/2, tests)
-                self.window = 0
-                self._unanswered.clear()
-            frames_out.inc(len(batch))
-            bytes_out.inc(size)
-            now = trio.current_time()
-            for frame in batch:
-                if frame.received is not None:
-                    metrics.latency.observe(now - frame.received)
+                self.lag = None
+                self._ping = None
+            self._sent_out(batch, size)
+
+    def _ping_due(self, now: float) -> bytes | None:
+        """The payload of the ping a write now should end with, if any (see _write)."""
+        if self.lag is None or self._ping is not None or now - self._last_ping_at < self.lag:
+            return None
+        return (self._pings + 1).to_bytes(8, "big")
+
+    def _pinged(self, now: float) -> None:
+        self._pings += 1
+        self._ping = (self._pings, now)
+        self._last_ping_at = now
+
+    def _sent_out(self, batch: Sequence[Frame], size: int) -> None:
+        self._frames_out.inc(len(batch))
+        self._bytes_out.inc(size)
+        now = trio.current_time()
+        for frame in batch:
+            if frame.received is not None:
+                self.hub.metrics.latency.observe(now - frame.received)
+
+    def express(self, frame: Frame) -> bool:
+        """Write this frame now, from the task that has it (a publisher's), if that is safe.
+
+        It is when the writer is idle (its outbox was empty: see Mailbox.put), the peer is not
+        behind, and the socket takes the frame whole at once. Then a prompt viewer costs the
+        fan-out one write, not a wake-up and a turn of its writer task per update (half the
+        hub's CPU per delivery). Otherwise the frame goes to the outbox, and the writer sends it.
+        """
+        if self._sending_since is not None or self.error is not None or self._behind():
+            return False
+        now = trio.current_time()
+        ping = self._ping_due(now)
+        try:
+            if not self.transport.send_now((frame,), ping):
+                return False
+        except Exception as exc:  # our bug: this viewer ends, the publisher's task carries on
+            log.exception("%s %s: internal error", self.role, self.peer)
+            self.fail(HubError(repr(exc)))
+            return True
+        if ping is not None:
+            self._pinged(now)
+        self._sent_out((frame,), len(frame.text))
+        return True
 
     async def _watch(self) -> None:
         """Ping a quiet peer, drop a silent one, and drop one whose socket stopped taking data.
@@ -383,15 +435,15 @@ class Session:
             if self._sending_since is not None and now - self._sending_since >= stuck_after:
                 self.fail(TooSlow(f"socket took nothing for {now - self._sending_since:.0f} s"))
                 return
-            if self._unanswered and now - self._unanswered[0][1] >= stuck_after:
-                waited = now - self._unanswered[0][1]
+            if self._ping is not None and now - self._ping[1] >= stuck_after:
+                waited = now - self._ping[1]
                 self.fail(TooSlow(f"read nothing it was sent for {waited:.0f} s"))
                 return
             wake = [self.last_seen + self.timeout, max(self.last_seen, pinged_at) + interval]
             if self._sending_since is not None:
                 wake.append(self._sending_since + stuck_after)
-            elif self._unanswered:
-                wake.append(self._unanswered[0][1] + stuck_after)
+            elif self._ping is not None:
+                wake.append(self._ping[1] + stuck_after)
             else:
                 wake.append(now + stuck_after)  # a send may start meanwhile: look again by then
             await trio.sleep_until(min(wake))
@@ -466,10 +518,12 @@ class ViewerSession(Session):
 
     def __init__(self, hub: Hub, transport: Transport, settings: Settings, peer: str) -> None:
         super().__init__(hub, transport, settings, peer, settings.viewer_timeout)
-        self.window = settings.viewer_window
+        lag = settings.viewer_lag
+        self.lag = lag if lag < math.inf else None
 
     async def run(self) -> None:
         with self.hub.viewer() as self.outbox:
+            self.outbox.express = self.express
             await super().run()
 
     def handle(self, frame: str | bytes) -> None:

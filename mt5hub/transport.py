@@ -27,6 +27,7 @@ permessage-deflate).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -48,6 +49,12 @@ LINK = "mt5hub.link"  # key of the Link in the ASGI scope
 EARLY_FRAMES = 64  # frames kept for a session that has not started yet; more are dropped
 
 
+# Linux: getsockopt's SO_MEMINFO and two of its SK_MEMINFO_ indexes; the ioctl for unsent bytes
+_SO_MEMINFO, _SNDBUF, _WMEM_QUEUED = 55, 3, 5
+_SIOCOUTQNSD = 0x894B
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+_INT = bytes(4)
+_SKB_OVERHEAD = 4096  # room kept besides: the kernel's bookkeeping for a new buffer or two
 _FRAMER = FrameProtocol(client=False, extensions=[])  # stateless for whole, unmasked messages
 _DEFLATERS: dict[int, FrameProtocol] = {}
 
@@ -92,6 +99,7 @@ class Link:
         self.take: Callable[[str | bytes], None] = self._keep
         self._early: list[str | bytes] = []
         self.answered: Callable[[bytes], None] = _ignore  # pongs, as mt5hub.hardening reads them
+        self._unsent_limit: int | None = None  # TCP_NOTSENT_LOWAT (see send_room)
 
     def _keep(self, frame: str | bytes) -> None:
         if len(self._early) < EARLY_FRAMES:
@@ -130,6 +138,25 @@ class Link:
         return (
             stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
         )
+
+    def send_room(self, sock: trio.socket.SocketType) -> int:
+        """Bytes a write to this socket surely takes whole at once (0 where it cannot tell).
+
+        The kernel stops taking data when its unsent queue reaches TCP_NOTSENT_LOWAT (trio sets
+        16 KiB on every stream) or the send buffer is full. The buffer (SO_MEMINFO) counts the
+        kernel's overhead too, which with a peer whose window is small is most of it: half of
+        what is free leaves room for the overhead of what is written now.
+        """
+        try:
+            if self._unsent_limit is None:
+                limit = sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT)
+                self._unsent_limit = limit or 2**31  # 0: the system's, unlimited by default
+            unsent: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, _INT))[0]
+            info = struct.unpack("9I", sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 36))
+        except OSError:
+            return 0  # not Linux, or closed: the writer will find out
+        free = int(info[_SNDBUF] - info[_WMEM_QUEUED]) // 2 - _SKB_OVERHEAD
+        return min(free, self._unsent_limit - unsent - 1)
 
     def limit_send_buffer(self, size: int) -> None:
         """Cap the kernel's send buffer, a FIFO the hub cannot conflate.
@@ -252,6 +279,16 @@ class QuartTransport:
         message = await self._ws.receive()
         return b"" if message is None else message
 
+    def _encode(self, frames: Sequence[Frame], ping: bytes | None) -> bytes:
+        bits = self._link.deflate_bits
+        if bits is not None:  # count what this viewer is the first to need compressed
+            fresh = [f for f in frames if f.deflated is None or bits not in f.deflated]
+            self._compressions.inc(len(fresh))
+        data = b"".join(wire(frame, bits) for frame in frames)
+        if ping is not None:
+            data += _FRAMER.ping(ping)
+        return data
+
     async def send(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
         server = self._link.raw_server()
         if server is None:
@@ -260,13 +297,7 @@ class QuartTransport:
             for frame in frames:
                 await self._link.asgi_send({"type": "websocket.send", "text": frame.text})
             return False
-        bits = self._link.deflate_bits
-        if bits is not None:  # count what this viewer is the first to need compressed
-            fresh = [f for f in frames if f.deflated is None or bits not in f.deflated]
-            self._compressions.inc(len(fresh))
-        data = b"".join(wire(frame, bits) for frame in frames)
-        if ping is not None:
-            data += _FRAMER.ping(ping)
+        data = self._encode(frames, ping)
         lock = server.send_lock
         try:
             lock.acquire_nowait()
@@ -282,6 +313,43 @@ class QuartTransport:
         finally:
             lock.release()
         return ping is not None
+
+    def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
+        """Write these frames (and ping) at once, without a task switch; False if not written.
+
+        Only on a plain socket (not TLS, not ASGI) whose kernel queue holds so little that all
+        of it fits in half the send buffer: a write that large is never cut short, and one cut
+        short could not be finished without waiting. A write cut short anyway is a connection
+        lost (aborted, logged): the viewer reconnects to a snapshot rather than to a frame cut
+        in half.
+        """
+        server = self._link.raw_server()
+        if server is None or not isinstance(server.stream, trio.SocketStream):
+            return False
+        sock = server.stream.socket
+        data = self._encode(frames, ping)
+        if len(data) > self._link.send_room(sock):
+            return False
+        lock = server.send_lock  # Hypercorn's own writes (close frames, pongs) take it too
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        try:
+            sent = os.write(sock.fileno(), data)  # the socket is non-blocking
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
+            return True
+        finally:
+            lock.release()
+        if sent < len(data):
+            log.warning(
+                "viewer write cut short (%d of %d bytes): connection dropped", sent, len(data)
+            )
+            self.abort()
+        return True
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -75,6 +76,8 @@ HYPERCORN_KEYS = ("keep_alive_timeout", "ssl_handshake_timeout", "backlog", "rea
 
 
 def _toml_value(value: Any) -> str:
+    if value == math.inf:
+        return "inf"  # TOML's spelling (JSON has none)
     return json.dumps(value)  # JSON strings, numbers, booleans and lists are valid TOML
 
 

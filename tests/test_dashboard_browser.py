@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -625,7 +626,7 @@ def test_a_flood_is_rendered_at_most_once_per_frame(
     hub_factory: Any, publishers: Any, new_page: Any
 ) -> None:
     # No flow control: the page is to get the flood itself, not the hub's conflation of it.
-    hub = hub_factory(rate_limit=5000.0, rate_burst=5000, viewer_window=0)
+    hub = hub_factory(rate_limit=5000.0, rate_burst=5000, viewer_lag=math.inf)
     page = new_page()
     # Count animation frames from the first script on: renders may never outnumber them.
     page.add_init_script(COUNT_FRAMES)

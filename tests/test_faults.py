@@ -124,7 +124,8 @@ async def test_an_ea_whose_link_reset_mid_frame_goes_offline_then_back_with_noth
             await new.send_message(publish_frame(client_id="EA1_78", value=5.0))
             await wait_for(lambda: len(seen) == 5, "online again, and the new update")
         nursery.cancel_scope.cancel()
-    assert [(t, v) for t, v, _ in _events(seen)] == [
+    # (then offline again as the new one leaves, if the viewer hears it before it stops)
+    assert [(t, v) for t, v, _ in _events(seen[:5])] == [
         ("presence", True),
         ("update", 1.0),
         ("presence", False),

@@ -39,6 +39,7 @@ class MemoryTransport:
         self.peer_closed = False
         self.server_stops = trio.Event()
         self.drained: list[str | bytes] = []
+        self.sent_now = 0  # frames written at once, by the publisher's task (send_now)
 
     async def receive(self) -> str | bytes | None:
         try:
@@ -60,6 +61,17 @@ class MemoryTransport:
             except trio.ClosedResourceError:
                 pass  # aborted under us: the frames are lost, as on a reset socket
         return False  # no pings: flow control is tested on real sockets
+
+    def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
+        """Like a socket with room: a frame is taken at once while the peer's buffer has room."""
+        if len(frames) != 1 or ping is not None:
+            return False
+        try:
+            self._to_peer.send_nowait(frames[0].text)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        self.sent_now += 1
+        return True
 
     async def close(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)
@@ -351,6 +363,13 @@ class PingingTransport(MemoryTransport):
         self.pings.append(ping)
         return True
 
+    def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
+        if not super().send_now(frames):
+            return False
+        if ping is not None:
+            self.pings.append(ping)
+        return True
+
     def pong(self) -> None:
         assert self._answered is not None
         for ping in self.pings:
@@ -358,29 +377,71 @@ class PingingTransport(MemoryTransport):
         self.pings.clear()
 
 
-async def test_a_viewer_is_written_to_again_only_once_it_answered_the_last_ping(
+async def test_a_prompt_viewer_is_written_to_at_once_and_a_lagging_one_once_per_answer(
     autojump_clock: MockClock,
 ) -> None:
-    async with rig(attrs.evolve(SETTINGS, viewer_window=1)) as r:
+    lag = 0.05
+    async with rig(attrs.evolve(SETTINGS, viewer_lag=lag)) as r:
         view = PingingTransport(1000)
         await r._start(ViewerSession(r.hub, view, r.settings, "viewer").run)
-        assert (await view.hear())["type"] == "snapshot"
-        assert len(view.pings) == 1
         pub = await r.publisher()
-        for n in range(1, 4):
-            await pub.say(publish_frame(key="EA1", value=n))
-            await trio.testing.wait_all_tasks_blocked()
-        assert view.heard_so_far() == []  # held: the snapshot's ping is not answered yet
-        view.pong()
+
+        async def publish(*values: int) -> list[tuple[str, int | None]]:
+            """Publish these values; what the viewer was written meanwhile (type, seq)."""
+            for value in values:
+                await pub.say(publish_frame(key="EA1", value=value))
+                await trio.testing.wait_all_tasks_blocked()
+            return [(m["type"], m.get("seq")) for m in view.heard_so_far()]
+
+        assert (await view.hear())["type"] == "snapshot"
+        assert len(view.pings) == 1  # the first write carries a ping
+        # Its ping is out, but younger than `lag`: the viewer counts as keeping up.
+        assert await publish(1) == [("presence", None), ("update", 1)]
+        assert len(view.pings) == 1  # one ping out at a time
+        await trio.sleep(lag)  # the ping is now `lag` old: behind, so the hub holds what comes
+        assert await publish(2, 3) == []
+        view.pong()  # read it all: the latest goes out, with a new ping
         await trio.testing.wait_all_tasks_blocked()
-        heard = view.heard_so_far()  # what it missed, as one write: the latest of each kind
-        assert [(m["type"], m.get("seq")) for m in heard] == [("presence", None), ("update", 3)]
-        assert r.hub.metrics.conflated._value.get() == 2
+        assert [m["seq"] for m in view.heard_so_far()] == [3]
+        assert r.hub.metrics.conflated._value.get() == 1  # update 2, never sent
+        assert len(view.pings) == 1
+        # Its last answer took `lag`: until one comes back sooner, one write per answer.
+        assert await publish(4) == []
+        view.pong()  # at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert [m["seq"] for m in view.heard_so_far()] == [4]
+        assert view.pings == []  # the last ping went out less than `lag` ago
+        assert await publish(5) == [("update", 5)]  # prompt again: written as it comes
+        await trio.sleep(lag)
+        assert await publish(6) == [("update", 6)]
+        assert len(view.pings) == 1  # `lag` since the last: this write carried one
         await trio.sleep(SETTINGS.slow_viewer_timeout - 1)  # it answers nothing more...
         assert not view.aborted
         await trio.sleep(2)  # ...and is dropped once slow_viewer_timeout has passed
         assert view.aborted
         assert r.hub.metrics.closes.labels("viewer", "4009")._value.get() == 1
+
+
+async def test_an_idle_viewer_is_written_to_by_the_publishers_task_a_busy_one_by_its_own(
+    autojump_clock: MockClock,
+) -> None:
+    async with rig() as r:
+        prompt = await r.viewer(window=1000)  # a socket with room
+        busy = await r.viewer(window=0)  # a socket that takes a frame only as the peer reads
+        for view in (prompt, busy):
+            assert (await view.hear())["type"] == "snapshot"
+        pub = await r.publisher()
+        for n in range(1, 4):
+            await pub.say(publish_frame(key="EA1", value=n))
+            await trio.testing.wait_all_tasks_blocked()
+        # presence, then each update, written as it came (no turn of the viewer's writer)
+        assert [m.get("seq") for m in prompt.heard_so_far()] == [None, 1, 2, 3]
+        assert prompt.sent_now == 4
+        # The busy one's writer is stuck sending what came first (presence and update 1, one
+        # batch); what comes next waits for it, and conflates.
+        assert [(await busy.hear()).get("seq") for _ in range(3)] == [None, 1, 3]
+        assert busy.sent_now == 0
+        assert r.hub.metrics.conflated._value.get() == 1
 
 
 async def test_conflated_viewer_still_ends_with_the_latest_state_of_every_table(
