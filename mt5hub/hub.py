@@ -74,24 +74,29 @@ class Mailbox:
         self._metrics = metrics
         self._role = role
 
-    def put(self, frame: Frame) -> None:
+    def put(self, frame: Frame) -> bool:
+        """Add this frame; True if it replaced one of its slot that was waiting (conflated).
+
+        The caller counts those, once for all its mailboxes: with 1,000 viewers behind, a
+        counter (which takes a lock) incremented here was 100,000 increments a second.
+        """
         pending = self._pending
         if not pending and self.express is not None and self.express(frame):
-            return  # nothing was waiting, and the connection took it at once
+            return False  # nothing was waiting, and the connection took it at once
         if frame.slot is None:
             if self._unslotted >= self._size:
                 self._metrics.dropped.labels(self._role).inc()
-                return
+                return False
             self._unslotted += 1
             pending[object()] = frame  # a key of its own: never replaced
         elif frame.slot in pending:
-            self._metrics.conflated.inc()
             pending[frame.slot] = frame  # replaces the waiting frame and keeps its place
-            return
+            return True
         else:
             pending[frame.slot] = frame
         if self._lot:
             self._lot.unpark()
+        return False
 
     def get_nowait(self) -> Frame | None:
         """The next frame if one is waiting, else None."""
@@ -325,8 +330,11 @@ class Hub:
             frame = Frame(event.text, ("presence", *event.table))
         if event.client_id:
             state.client_id = event.client_id
+        conflated = 0
         for mailbox in self.viewers:
-            mailbox.put(frame)
+            conflated += mailbox.put(frame)
+        if conflated:
+            self.metrics.conflated.inc(conflated)
         return True
 
     # -- surviving a restart ------------------------------------------------------------------

@@ -47,9 +47,11 @@ class PromptViewer(Mailbox):
     def __init__(self, hub: Hub) -> None:
         super().__init__(hub.viewer_buffer, hub.metrics, "viewer")
         self.taken: list[dict[str, Any]] = []
+        self.express = self.take
 
-    def put(self, frame: Frame) -> None:
+    def take(self, frame: Frame) -> bool:
         self.taken.append(json.loads(frame.text))
+        return True
 
 
 def drain(viewer: Mailbox) -> list[dict[str, Any]]:
