@@ -332,9 +332,13 @@ class Session:
         and answers a ping every `lag` seconds, not one per write.
         """
         while True:
-            await self.outbox.wait()
+            # Behind: wait for the pong first, not for mail, so that every update put meanwhile
+            # does not wake this task only for it to park again (once per round per viewer).
             while self._behind():
                 await self._answers.park()
+            await self.outbox.wait()
+            if self._behind():
+                continue  # the ping grew old while there was nothing to send
             # Everything pending goes out in one write: a viewer that fell behind catches up in
             # fewer, larger sends instead of paying the per-send cost for every frame.
             batch: list[Frame] = []
