@@ -420,6 +420,21 @@ async def test_a_prompt_viewer_is_written_to_at_once_and_a_lagging_one_once_per_
         assert r.hub.metrics.closes.labels("viewer", "4009")._value.get() == 1
 
 
+async def test_viewer_lag_is_seconds_from_0_to_inf_and_inf_turns_flow_control_off(
+    tmp_path: Any,
+) -> None:
+    from mt5hub.config import load_config
+    from mt5hub.errors import ConfigError
+
+    for bad in ("-0.1", "nan"):
+        (tmp_path / "hub.toml").write_text(f"[mt5hub]\nviewer_lag = {bad}\n")
+        with pytest.raises(ConfigError, match="viewer_lag: must be 0 seconds or more"):
+            load_config(tmp_path / "hub.toml", environ={})
+    (tmp_path / "hub.toml").write_text("[mt5hub]\nviewer_lag = inf\n")
+    settings = load_config(tmp_path / "hub.toml", environ={}).settings
+    assert ViewerSession(Hub(), MemoryTransport(), settings, "viewer").lag is None
+
+
 async def test_an_idle_viewer_is_written_to_by_the_publishers_task_a_busy_one_by_its_own(
     autojump_clock: MockClock,
 ) -> None:
