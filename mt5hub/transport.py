@@ -317,11 +317,10 @@ class QuartTransport:
     def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
         """Write these frames (and ping) at once, without a task switch; False if not written.
 
-        Only on a plain socket (not TLS, not ASGI) whose kernel queue holds so little that all
-        of it fits in half the send buffer: a write that large is never cut short, and one cut
-        short could not be finished without waiting. A write cut short anyway is a connection
-        lost (aborted, logged): the viewer reconnects to a snapshot rather than to a frame cut
-        in half.
+        Only on a plain socket (not TLS, not ASGI), and only what the kernel surely takes whole
+        (`Link.send_room`: its unsent queue and its send buffer): a write cut short could not be
+        finished without waiting. A write cut short anyway is a connection lost (aborted,
+        logged): the viewer reconnects to a snapshot rather than to a frame cut in half.
         """
         server = self._link.raw_server()
         if server is None or not isinstance(server.stream, trio.SocketStream):

@@ -36,8 +36,8 @@ IN_CI = os.environ.get("CI") == "true"
 def _pong_unless_closing() -> None:
     """trio-websocket 0.12 answers a ping that crosses its own close frame, which wsproto refuses
     (LocalProtocolError out of the client's reader task: python-trio/trio-websocket#184, fix
-    proposed in #198). The hub pings a viewer after every write (flow control), so the tests'
-    trio-websocket viewers meet that race whenever they close while updates flow. RFC 6455 says
+    proposed in #198). The hub pings its viewers while updates flow (flow control), so the tests'
+    trio-websocket viewers meet that race whenever they close meanwhile. RFC 6455 says
     a ping after a close need not be answered; this is what #198 does."""
     import trio_websocket._impl as impl
     from wsproto.connection import ConnectionState
