@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -82,6 +83,9 @@ class Settings:
     # Flow control: how far behind its reading (by the age of an unanswered WebSocket ping) a
     # viewer may be and still be written to at once; past it, one write per pong. inf: none.
     viewer_lag: float = 0.05
+    # How often a viewer that keeps up is pinged to measure that, at most: it may fall this plus
+    # viewer_lag behind before the hub notices. A viewer that is behind is pinged on every write.
+    viewer_lag_interval: float = 0.25
     max_viewers: int = 2000  # viewer connections in all: more get HTTP 503
     max_viewers_per_ip: int = 50  # viewer connections from one client address: more get 429
     max_publishers: int = 1000  # publisher connections (after their token was accepted)
@@ -115,6 +119,8 @@ class Settings:
                 found.append(f"viewer_tokens[{n}]: {problem}")
         if not self.viewer_lag >= 0:  # also refuses NaN
             found.append("viewer_lag: must be 0 seconds or more (inf: no flow control)")
+        if not 0 <= self.viewer_lag_interval < math.inf:
+            found.append("viewer_lag_interval: must be 0 seconds or more, and finite")
         for name in ("max_viewers", "max_viewers_per_ip", "max_publishers"):
             if getattr(self, name) < 1:
                 found.append(f"{name}: must be at least 1")

@@ -378,8 +378,8 @@ class PingingTransport(MemoryTransport):
 async def test_a_prompt_viewer_is_written_to_at_once_and_a_lagging_one_once_per_answer(
     autojump_clock: MockClock,
 ) -> None:
-    lag = 0.05
-    async with rig(attrs.evolve(SETTINGS, viewer_lag=lag)) as r:
+    lag, interval = 0.05, 0.25
+    async with rig(attrs.evolve(SETTINGS, viewer_lag=lag, viewer_lag_interval=interval)) as r:
         view = PingingTransport(1000)
         await r._start(ViewerSession(r.hub, view, r.settings, "viewer").run)
         pub = await r.publisher()
@@ -412,7 +412,10 @@ async def test_a_prompt_viewer_is_written_to_at_once_and_a_lagging_one_once_per_
         assert await publish(5) == [("update", 5)]  # prompt again: written as it comes
         await trio.sleep(lag)
         assert await publish(6) == [("update", 6)]
-        assert len(view.pings) == 1  # `lag` since the last: this write carried one
+        assert view.pings == []  # it keeps up: pinged at most every `interval`
+        await trio.sleep(interval - lag)
+        assert await publish(7) == [("update", 7)]
+        assert len(view.pings) == 1  # `interval` since the last: this write carried one
         await trio.sleep(SETTINGS.slow_viewer_timeout - 1)  # it answers nothing more...
         assert not view.aborted
         await trio.sleep(2)  # ...and is dropped once slow_viewer_timeout has passed
@@ -420,7 +423,7 @@ async def test_a_prompt_viewer_is_written_to_at_once_and_a_lagging_one_once_per_
         assert r.hub.metrics.closes.labels("viewer", "4009")._value.get() == 1
 
 
-async def test_viewer_lag_is_seconds_from_0_to_inf_and_inf_turns_flow_control_off(
+async def test_viewer_lag_is_0_to_inf_seconds_inf_is_no_flow_control_its_interval_finite(
     tmp_path: Any,
 ) -> None:
     from mt5hub.config import load_config
@@ -429,6 +432,10 @@ async def test_viewer_lag_is_seconds_from_0_to_inf_and_inf_turns_flow_control_of
     for bad in ("-0.1", "nan"):
         (tmp_path / "hub.toml").write_text(f"[mt5hub]\nviewer_lag = {bad}\n")
         with pytest.raises(ConfigError, match="viewer_lag: must be 0 seconds or more"):
+            load_config(tmp_path / "hub.toml", environ={})
+    for bad in ("-1.0", "nan", "inf"):  # a viewer that keeps up must be pinged now and then
+        (tmp_path / "hub.toml").write_text(f"[mt5hub]\nviewer_lag_interval = {bad}\n")
+        with pytest.raises(ConfigError, match="viewer_lag_interval: must be 0 seconds or more"):
             load_config(tmp_path / "hub.toml", environ={})
     (tmp_path / "hub.toml").write_text("[mt5hub]\nviewer_lag = inf\n")
     settings = load_config(tmp_path / "hub.toml", environ={}).settings
