@@ -304,7 +304,7 @@ class Session:
         if len(payload) != 8:
             return  # not ours (a peer may send pongs unasked, as a heartbeat)
         now = self.last_seen = trio.current_time()
-        if self._ping is not None and int.from_bytes(payload, "big") >= self._ping[0]:
+        if self._ping is not None and int.from_bytes(payload, "big") == self._ping[0]:
             self._last_rtt = now - self._ping[1]
             self._ping = None
             self._answers.unpark_all()

@@ -52,11 +52,11 @@ from trio_websocket import (
     open_websocket_url,
 )
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Ping, Request, TextMessage
+from wsproto.events import AcceptConnection, Message, Ping, Pong, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
 HubFactory = Callable[..., RunningHub]
-CLIENT = ConnectionType.CLIENT
+CLIENT, SERVER = ConnectionType.CLIENT, ConnectionType.SERVER
 DEADLINE = 60.0  # for things that take milliseconds on an idle machine
 GRACEFUL_TIMEOUT = 2.0  # conftest's hub.toml
 
@@ -344,6 +344,77 @@ async def test_a_viewer_is_sent_no_more_until_it_has_read_what_it_was_sent(
                 except (AssertionError, trio.BrokenResourceError):
                     break  # the hub hung up (aborted: no close frame through a stuck socket)
         assert await metric(hub, "mt5hub_closes_total", role="viewer", code="4009") == 1
+
+
+async def test_an_answer_counts_alone_in_a_read_split_over_two_or_after_a_frame(
+    hub_factory: Callable[..., RunningHub],
+) -> None:
+    """The hub reads a lone pong of its own without its WebSocket parser (the common case, and
+    the cheap one); split across reads, or behind another frame, it goes through the parser.
+    Either way it lets the next write go. A pong of another size is not an answer to the hub's
+    ping."""
+    hub = hub_factory(viewer_lag=0.0)
+    async with (
+        WsprotoViewer.connect(hub.http_port, deflate=False, answer_pings=False) as view,
+        publisher(hub.ws_url) as pub,
+    ):
+        assert (await view.message())["type"] == "snapshot"
+
+        async def next_seq() -> int:
+            while (message := await view.message())["type"] != "update":
+                pass
+            return int(message["seq"])
+
+        async def pong(*parts: bytes) -> None:
+            for n, part in enumerate(parts):
+                if n:
+                    await trio.sleep(0.05)  # another read for the hub, most likely
+                await view.stream.send_all(part)
+            view.pings.clear()
+
+        await pub.send_message(publish_frame(key="EA1", value=1))
+        await view.nothing_more()  # the snapshot's ping is not answered yet
+        (ping,) = view.pings
+        await view.stream.send_all(view.ws.send(Pong(b"1234")))  # not the hub's: no answer
+        await view.nothing_more()
+        answer = view.ws.send(ping.response())
+        assert len(answer) == 14  # FIN+pong, mask bit and length 8, the mask, the payload
+        await pong(answer)  # alone
+        assert await next_seq() == 1
+        await pub.send_message(publish_frame(key="EA1", value=2))
+        await view.nothing_more()
+        answer = view.ws.send(view.pings[0].response())
+        await pong(answer[:5], answer[5:])  # split
+        assert await next_seq() == 2
+        await pub.send_message(publish_frame(key="EA1", value=3))
+        await view.nothing_more()
+        text = view.ws.send(Message(data='{"type":"pong"}'))
+        await pong(text + view.ws.send(view.pings[0].response()))  # behind a text frame
+        assert await next_seq() == 3
+
+
+def test_a_lone_pong_is_read_without_the_parser_only_between_frames() -> None:
+    from types import SimpleNamespace
+
+    from wsproto.connection import Connection
+
+    from mt5hub.hardening import _lone_pong
+    from mt5hub.transport import LINK
+
+    client = Connection(CLIENT)  # both ends past the handshake: frames only
+    answer = client.send(Ping(b"\x00" * 7 + b"\x05").response())
+    server = Connection(SERVER)
+    stream = SimpleNamespace(closed=False, scope={LINK: object()}, connection=server)
+    assert _lone_pong(stream, answer) == b"\x00" * 7 + b"\x05"  # unmasked
+    assert _lone_pong(stream, answer + answer) is None  # not alone in its read
+    assert _lone_pong(stream, client.send(Pong(b"1234"))) is None  # not one of the hub's
+    server.receive_data(client.send(Message(data="x" * 100))[:10])  # half a frame buffered
+    assert _lone_pong(stream, answer) is None
+    fresh = SimpleNamespace(closed=False, scope={LINK: object()}, connection=Connection(SERVER))
+    assert _lone_pong(fresh, answer) is not None
+    fresh.closed = True  # Hypercorn closed the stream: its own path says what happens
+    assert _lone_pong(fresh, answer) is None
+    assert _lone_pong(SimpleNamespace(closed=False, scope={}, connection=server), answer) is None
 
 
 async def test_5_publishers_and_20_viewers_all_end_with_the_latest_seq_of_every_table(
