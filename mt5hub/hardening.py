@@ -128,9 +128,12 @@ def _lone_pong(stream: Any, data: bytes) -> bytes | None:
     """
     if len(data) != 14 or data[0] != 0x8A or data[1] != 0x88 or stream.closed:
         return None
-    if stream.scope.get(LINK) is None or stream.connection.state != ConnectionState.OPEN:
+    connection = getattr(stream, "connection", None)  # there once the handshake is accepted
+    if connection is None or connection.state != ConnectionState.OPEN:
+        return None  # bytes before the handshake's answer: see _early_data
+    if stream.scope.get(LINK) is None:
         return None
-    decoder = stream.connection._proto._frame_decoder
+    decoder = connection._proto._frame_decoder
     if decoder.header is not None or len(decoder.buffer):
         return None
     mask = int.from_bytes(data[2:6] * 2, "big")

@@ -238,24 +238,33 @@ async def test_token_anywhere_but_the_handshake_headers_is_401_and_never_logged(
     log.assert_clean()
 
 
-@pytest.mark.parametrize("token", [TOKEN, None], ids=["valid-token", "no-token"])
+@pytest.mark.parametrize(
+    ("path", "token", "early_frame"),
+    [
+        ("/ws/dll", TOKEN, text_frame(json.dumps({"token": TOKEN}))),
+        ("/ws/dll", None, text_frame(json.dumps({"token": TOKEN}))),
+        # what the hub reads without a parser once a viewer is connected (hardening._lone_pong)
+        ("/ws", None, frame(Opcode.PONG, b"\x00" * 7 + b"\x01")),
+    ],
+    ids=["valid-token", "no-token", "viewer-pong"],
+)
 async def test_a_frame_sent_before_the_handshake_is_answered_gets_400_and_the_hub_lives(
-    make_hub: HubMaker, token: str | None
+    make_hub: HubMaker, path: str, token: str | None, early_frame: bytes
 ) -> None:
     """RFC 6455 forbids it. Hypercorn 0.18 answered 400 while the hub answered too, and the
     collision in h11 ended the hub's worker: one request stopped the hub (pgjones/hypercorn#225).
-    Now it is a 400 and nothing else, whatever the token (mt5hub/hardening.py)."""
+    Now it is a 400 and nothing else, whatever the token or the frame (mt5hub/hardening.py)."""
     hub = make_hub()
     log = LogWatch(hub)
     headers = [f"Authorization: Bearer {token}"] if token else []
-    early = upgrade_request("/ws/dll", *headers) + text_frame(json.dumps({"token": TOKEN}))
+    early = upgrade_request(path, *headers) + early_frame
     async with Healthy.connect(hub) as healthy:
         for _ in range(5):
             answer, _ = await exchange(hub.http_port, early)  # one write: there before any answer
             assert status_of(answer) == 400
             await healthy.still_served()
     assert (await health(hub))["status"] == "ok"
-    await log.wait_for_lines(5, "refused /ws/dll", "400 data sent before the handshake")
+    await log.wait_for_lines(5, f"refused {path} from", "400 data sent before the handshake")
     log.assert_clean()
 
 

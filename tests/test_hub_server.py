@@ -415,6 +415,8 @@ def test_a_lone_pong_is_read_without_the_parser_only_between_frames() -> None:
     fresh.closed = True  # Hypercorn closed the stream: its own path says what happens
     assert _lone_pong(fresh, answer) is None
     assert _lone_pong(SimpleNamespace(closed=False, scope={}, connection=server), answer) is None
+    before_accept = SimpleNamespace(closed=False, scope={LINK: object()})  # no connection yet
+    assert _lone_pong(before_accept, answer) is None
 
 
 async def test_5_publishers_and_20_viewers_all_end_with_the_latest_seq_of_every_table(
