@@ -323,14 +323,14 @@ class Session:
     async def _write(self) -> None:
         """Send what the outbox holds, a batch at a time, at the pace the peer reads it.
 
-        A write ends with a WebSocket ping when none is out and the last went out `lag` seconds
-        ago or more; the peer answers it (RFC 6455; browsers do it themselves) only after
-        reading everything written before it. While the peer is behind (see `_behind`) the
+        A write ends with a WebSocket ping when one is due (see `_ping_due`); the peer answers
+        it (RFC 6455; browsers do it themselves) only after reading everything written before
+        it. While the peer is behind (see `_behind`) the
         writer waits, and newer updates replace older ones in the outbox: a viewer that reads
         slowly gets fewer, fresher frames instead of a queue of stale ones in the kernel's
         buffers (its own and ours) that nothing can conflate. Without this, a viewer behind by
         500 KB of compressed updates was seconds behind. A prompt viewer is written to at once
-        and answers a ping every `lag` seconds, not one per write.
+        and answers a ping every `_lag_interval` seconds, not one per write.
         """
         while True:
             # Behind: wait for the pong first, not for mail, so that every update put meanwhile
