@@ -329,10 +329,11 @@ class QuartTransport:
         data = self._encode(frames, ping)
         if len(data) > self._link.send_room(sock):
             return False
-        lock = server.send_lock  # Hypercorn's own writes (close frames, pongs) take it too
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
+        # Hypercorn's own writes (close frames, pongs) and `send` hold this lock while they
+        # wait. A write that does not wait needs no lock, only that nobody is half-way through
+        # one: trio runs nothing else between this check and the write. (Taking and releasing
+        # it was 4% of the hub's CPU at 50 viewers.)
+        if server.send_lock.locked():
             return False
         try:
             sent = os.write(sock.fileno(), data)  # the socket is non-blocking
@@ -341,8 +342,6 @@ class QuartTransport:
         except OSError:
             self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
             return True
-        finally:
-            lock.release()
         if sent < len(data):
             log.warning(
                 "viewer write cut short (%d of %d bytes): connection dropped", sent, len(data)
