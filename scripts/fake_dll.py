@@ -435,6 +435,13 @@ def scrape(base: str, context: ssl.SSLContext | None) -> tuple[dict[str, Any], d
     return health, counters
 
 
+def hub_mean_ms(delta: dict[str, float]) -> float | None:
+    count = delta.get("mt5hub_delivery_latency_seconds_count", 0)
+    if not count:
+        return None
+    return round(1000 * delta["mt5hub_delivery_latency_seconds_sum"] / count, 1)
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return math.nan
@@ -509,6 +516,10 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         "viewers_closed": stats.closed,
         "hub_conflated": delta.get("mt5hub_conflated_total", 0),
         "hub_dropped": delta.get("mt5hub_dropped_total", 0),
+        # The hub's own part of the latency: from a publish read to its update written to a
+        # viewer's socket (mean over the run; null from a server without the histogram). The
+        # rest is the publishers' and viewers' side, and the kernel.
+        "hub_mean_latency_ms": hub_mean_ms(delta),
         "hub_rss_mb": {  # null from a server without /healthz
             "before": None if rss[0] is None else round(rss[0] / 2**20, 1),
             "after": None if rss[1] is None else round(rss[1] / 2**20, 1),
@@ -555,6 +566,8 @@ def print_report(r: dict[str, Any]) -> None:
         f"  max {lat['max']}\n"
         f"  freshness ms    p50 {fresh['p50']}  p99 {fresh['p99']}  max {fresh['max']}"
         f"  (age of the newest state held at the end)\n"
+        f"  in the hub ms   mean {r['hub_mean_latency_ms']}  (from a publish read to its update "
+        f"written, of the latency above)\n"
         f"  conflated       {r['seq_gaps']} seen as seq gaps; hub counted {r['hub_conflated']:g} "
         f"conflated, {r['hub_dropped']:g} dropped; {r['viewers_closed']} viewers closed\n"
         f"  hub RSS MB      {r['hub_rss_mb']['before']} -> {r['hub_rss_mb']['after']}\n"

@@ -79,6 +79,8 @@ def test_load_tester_viewers_get_every_update_and_keep_up(
     assert gaps <= conflated, result  # an update a viewer did not get was replaced by a newer one
     latency = result["latency_ms"]
     assert isinstance(latency, dict) and latency["p50"] is not None
+    hub_part = result["hub_mean_latency_ms"]  # read from the hub's histogram
+    assert isinstance(hub_part, float) and hub_part >= 0, result
     # Every viewer holds every table at the end: none is as old as the whole run.
     freshness = result["freshness_ms"]
     assert isinstance(freshness, dict)
