@@ -298,9 +298,10 @@ def report(result: dict[str, Any]) -> None:
         x = result["load"]
         print(
             f"   {x['deliveries_per_s']:g}/s delivered, p99 {x['latency_ms']['p99']} ms, "
-            f"freshness p99 {x['freshness_ms']['p99']} ms, mean {x['mean_latency_ms']} ms of "
-            f"which in the hub {x.get('hub_mean_latency_ms')} ms, "
-            f"{x['publishers_cut_off']} publishers cut off, {x['viewers_closed']} viewers closed",
+            f"freshness p99 {x['freshness_ms']['p99']} ms, mean {x['mean_latency_ms']} ms"
+            + (f" (in the hub {hub} ms)" if (hub := x.get("hub_mean_latency_ms")) else "")
+            + f", {x['publishers_cut_off']} publishers cut off, "
+            f"{x['viewers_closed']} viewers closed",
             file=sys.stderr,
             flush=True,
         )
