@@ -33,25 +33,10 @@ EA1_ONLY_TOKEN = "token-for-ea1-only"
 IN_CI = os.environ.get("CI") == "true"
 
 
-def _pong_unless_closing() -> None:
-    """trio-websocket 0.12 answers a ping that crosses its own close frame, which wsproto refuses
-    (LocalProtocolError out of the client's reader task: python-trio/trio-websocket#184, fix
-    proposed in #198). The hub pings its viewers while updates flow (flow control), so the tests'
-    trio-websocket viewers meet that race whenever they close meanwhile. RFC 6455 says
-    a ping after a close need not be answered; this is what #198 does."""
-    import trio_websocket._impl as impl
-    from wsproto.connection import ConnectionState
+sys.path.insert(0, str(ROOT / "scripts"))
+from tw_workaround import pong_unless_closing  # noqa: E402  (scripts/ is not a package)
 
-    original = impl.WebSocketConnection._handle_ping_event
-
-    async def handle_ping(self: Any, event: Any) -> None:
-        if self._wsproto.state == ConnectionState.OPEN:
-            await original(self, event)
-
-    impl.WebSocketConnection._handle_ping_event = handle_ping  # type: ignore[method-assign]
-
-
-_pong_unless_closing()
+pong_unless_closing()  # the hub pings viewers while they close: python-trio/trio-websocket#184
 
 
 def require_tool(path: str, why: str) -> str:
