@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -74,14 +76,16 @@ class Mailbox:
         self._metrics = metrics
         self._role = role
 
-    def put(self, frame: Frame) -> bool:
+    def put(self, frame: Frame, express: bool = True) -> bool:
         """Add this frame; True if it replaced one of its slot that was waiting (conflated).
 
         The caller counts those, once for all its mailboxes: with 1,000 viewers behind, a
         counter (which takes a lock) incremented here was 100,000 increments a second.
+        `express=False` leaves the frame to the writer even when the connection could take it
+        at once (frames that arrive together, to go out in one write).
         """
         pending = self._pending
-        if not pending and self.express is not None and self.express(frame):
+        if not pending and express and self.express is not None and self.express(frame):
             return False  # nothing was waiting, and the connection took it at once
         if frame.slot is None:
             if self._unslotted >= self._size:
@@ -241,6 +245,13 @@ class Hub:
         self.viewer_buffer = viewer_buffer
         self.tables: dict[TableId, TableState] = {}
         self.viewers: set[Mailbox] = set()
+        # Viewers that are handed every event as it is applied: all but those `away`.
+        self._present: set[Mailbox] = set()
+        # The latest frame of each slot, with the number of the event that made it, in the
+        # order they were made: what a viewer back from `away` missed.
+        self._events = 0
+        self._latest: OrderedDict[object, tuple[int, Frame]] = OrderedDict()
+        self._away_marks: list[int] = []  # for each viewer away, the last event before it left
         self.publishers = 0
         self.backplane: Backplane = backplane or LocalBackplane()
         self._wall_clock = wall_clock
@@ -330,8 +341,13 @@ class Hub:
             frame = Frame(event.text, ("presence", *event.table))
         if event.client_id:
             state.client_id = event.client_id
-        conflated = 0
-        for mailbox in self.viewers:
+        # Viewers away that missed the previous frame of this slot will never see it now.
+        previous = self._latest.get(frame.slot)
+        conflated = bisect_left(self._away_marks, previous[0]) if previous is not None else 0
+        self._events += 1
+        self._latest[frame.slot] = (self._events, frame)
+        self._latest.move_to_end(frame.slot)
+        for mailbox in self._present:
             conflated += mailbox.put(frame)
         if conflated:
             self.metrics.conflated.inc(conflated)
@@ -379,7 +395,46 @@ class Hub:
             mailbox = Mailbox(self.viewer_buffer, self.metrics, "viewer")
         mailbox.put(self.snapshot())
         self.viewers.add(mailbox)
+        self._present.add(mailbox)
         try:
             yield mailbox
         finally:
             self.viewers.discard(mailbox)
+            self._present.discard(mailbox)
+
+    @contextmanager
+    def away(self, mailbox: Mailbox) -> Iterator[None]:
+        """Leave this viewer out of the fan-out while the block runs (its peer is behind).
+
+        Its mailbox would only have had each update replace the previous one of its table: at
+        1,000 viewers, nearly all of them waiting for their peer at any moment, those puts were
+        a fifth of the hub's CPU. On its way back it is given, at once, what its mailbox would
+        then hold: the latest frame of each slot that changed meanwhile, in the order they
+        changed. What it skips is counted as conflated as it happens (see apply), as for any
+        viewer. (A no-op for a mailbox that is not a viewer's, or is away already.)
+        """
+        if mailbox not in self._present:
+            yield
+            return
+        self._present.discard(mailbox)
+        mark = self._events
+        self._away_marks.append(mark)  # the largest yet: the list stays sorted
+        try:
+            yield
+        finally:
+            del self._away_marks[bisect_left(self._away_marks, mark)]
+            if mailbox in self.viewers:
+                self._present.add(mailbox)
+                self._back(mailbox, mark)
+
+    def _back(self, mailbox: Mailbox, mark: int) -> None:
+        changed: list[Frame] = []
+        for number, frame in reversed(self._latest.values()):
+            if number <= mark:
+                break
+            changed.append(frame)
+        conflated = 0  # frames still waiting from before it left, replaced now
+        for frame in reversed(changed):  # to go out together, in one write
+            conflated += mailbox.put(frame, express=False)
+        if conflated:
+            self.metrics.conflated.inc(conflated)

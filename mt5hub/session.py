@@ -336,7 +336,8 @@ class Session:
             # Behind: wait for the pong first, not for mail, so that every update put meanwhile
             # does not wake this task only for it to park again (once per round per viewer).
             while self._behind():
-                await self._answers.park()
+                with self.hub.away(self.outbox):  # what it misses meanwhile: see Hub.away
+                    await self._answers.park()
             await self.outbox.wait()
             if self._behind():
                 continue  # the ping grew old while there was nothing to send

@@ -17,10 +17,12 @@ import pytest
 import trio
 import trio.testing
 from helpers import publish_frame
+from hypothesis import given
+from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from mt5hub.config import Settings, TokenGrant
-from mt5hub.hub import Frame, Hub, Mailbox, update_text
+from mt5hub.hub import Event, Frame, Hub, Mailbox, update_text
 from mt5hub.metrics import Metrics
 from mt5hub.models import Decoder
 from mt5hub.session import CLOSE_GRACE, PublisherSession, ViewerSession
@@ -155,6 +157,51 @@ async def rig(settings: Settings = SETTINGS) -> AsyncIterator[Rig]:
 
 def frame(table: str, n: int) -> Frame:
     return Frame(f'{{"table":"{table}","n":{n}}}', ("update", table, ""))
+
+
+def _pending(box: Mailbox) -> list[Frame]:
+    frames = []
+    while (frame := box.get_nowait()) is not None:
+        frames.append(frame)
+    return frames
+
+
+def _apply_all(hub: Hub, events: list[tuple[str, int]]) -> None:
+    """Updates, and presence changes that each turn their table on or off."""
+    for kind, n in events:
+        table = (f"EA{n}", "X")
+        if kind == "update":
+            hub.apply(Event("update", table, f'{{"type":"update","t":{n}}}'))
+        else:
+            online = table not in hub.tables or not hub.tables[table].online
+            hub.apply(hub.presence_event(table, "EA_client", online=online))
+
+
+events = st.lists(st.tuples(st.sampled_from(["update", "presence"]), st.integers(0, 3)))
+
+
+@given(events, events, events)
+def test_a_viewer_away_comes_back_to_what_its_mailbox_would_hold(
+    before: list[tuple[str, int]], meanwhile: list[tuple[str, int]], after: list[tuple[str, int]]
+) -> None:
+    """Hub.away: leaving a viewer out of the fan-out while its peer is behind changes nothing it
+    is sent (the latest frame of each slot, each slot once) or counts as conflated."""
+    hub = Hub()
+    with hub.viewer() as there, hub.viewer() as away:
+        _apply_all(hub, before)
+        assert len(_pending(there)) == len(_pending(away))  # both written out
+        with hub.away(away):
+            _apply_all(hub, meanwhile)
+            with hub.away(away):  # away already: nothing changes
+                pass
+            assert len(away) == 0
+        _apply_all(hub, after)
+        held_there, held_away = _pending(there), _pending(away)
+    assert {f.slot: f for f in held_there} == {f.slot: f for f in held_away}
+    assert len(held_there) == len(held_away)  # each slot once
+    since = meanwhile + after
+    conflated = len(before) - len(set(before)) + len(since) - len(set(since))
+    assert hub.metrics.conflated.value == 2 * conflated  # for each of the two
 
 
 async def test_mailbox_holds_only_the_latest_frame_of_each_table_oldest_table_first(
