@@ -408,11 +408,11 @@ class Hub:
 
         Its mailbox would only have had each update replace the previous one of its table: at
         1,000 viewers, nearly all of them waiting for their peer at any moment, the fan-out's
-        puts were a fifth of the hub's samples, and leaving these out cut its CPU per delivery
-        by about a tenth. On its way back it is given, at once, what its mailbox would
-        then hold: the latest frame of each slot that changed meanwhile, in the order they
-        changed. What it skips is counted as conflated as it happens (see apply), as for any
-        viewer. (A no-op for a mailbox that is not a viewer's, or is away already.)
+        puts were a fifth of the hub's samples, and leaving these out cut its CPU by about a
+        tenth. On its way back it is given, at once, what its mailbox would then hold: the
+        latest frame of each slot that changed meanwhile, in the order they changed. What it
+        skips is counted as conflated as it happens (see apply), as for any viewer. (A no-op
+        for a mailbox that is not a viewer's, or is away already.)
         """
         if mailbox not in self._present:
             yield
