@@ -132,6 +132,10 @@ class Settings:
         return found
 
 
+HTTP11 = "http/1.1"
+HYPERCORN_ALPN = ("h2", HTTP11)  # what Hypercorn offers on TLS binds unless told otherwise
+
+
 @attrs.frozen
 class HubConfig:
     settings: Settings = Settings()
@@ -139,6 +143,8 @@ class HubConfig:
     max_frame_bytes: int = 1024 * 1024
     workers: int = 1
     source: str = "<defaults>"
+    tls_binds: tuple[str, ...] = ()  # `bind` when certfile is set: Hypercorn serves TLS there
+    alpn_protocols: tuple[str, ...] = HYPERCORN_ALPN  # what those binds offer browsers
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
@@ -188,15 +194,15 @@ def load_config(
         raise ConfigError(f"{file}: {problems}") from exc
     if wrong := settings.problems():
         raise ConfigError(f"{file}: [mt5hub] " + "; ".join(wrong))
-    binds = tuple(_as_list(raw.get("bind", ["127.0.0.1:8000"]))) + tuple(
-        _as_list(raw.get("insecure_bind", []))
-    )
+    bind = tuple(_as_list(raw.get("bind", ["127.0.0.1:8000"])))
     return HubConfig(
         settings=settings,
-        binds=binds,
+        binds=bind + tuple(_as_list(raw.get("insecure_bind", []))),
         max_frame_bytes=int(raw.get("websocket_max_message_size", 1024 * 1024)),
         workers=int(raw.get("workers", 1)),
         source=str(file),
+        tls_binds=bind if raw.get("certfile") and raw.get("keyfile") else (),
+        alpn_protocols=tuple(_as_list(raw.get("alpn_protocols", list(HYPERCORN_ALPN)))),
     )
 
 
@@ -218,7 +224,9 @@ def is_loopback_bind(bind: str) -> bool:
 
 
 def check_safe_to_serve(config: HubConfig) -> None:
-    """Refuse the seed's well-known token anywhere but loopback: it is printed in every README."""
+    """Refuse what would serve unsafely or not as designed: the seed's well-known token anywhere
+    but loopback (it is printed in every README), HTTP/2 offered on a TLS bind, several workers
+    without a backplane."""
     public = [b for b in config.binds if not is_loopback_bind(b)]
     well_known = token_digest(DEFAULT_TOKEN)  # refused hashed, too
     default = [g for g in config.settings.tokens if configured_digest(g.token) == well_known]
@@ -230,6 +238,14 @@ def check_safe_to_serve(config: HubConfig) -> None:
         )
     if not config.settings.tokens:
         raise ConfigError(f"{config.source}: no publisher token configured")
+    if config.tls_binds and config.alpn_protocols != (HTTP11,):
+        offered = ", ".join(f'"{p}"' for p in config.alpn_protocols)
+        raise ConfigError(
+            f"refusing to start: the TLS bind {', '.join(config.tls_binds)} would offer "
+            f"[{offered}] by ALPN, and browsers would open their WebSockets as HTTP/2 streams, "
+            f"which the hub does not serve (docs/decisions/006-http11-only.md). Set "
+            f'alpn_protocols = ["{HTTP11}"] in {config.source}.'
+        )
     if config.workers > 1 and not config.settings.backplane:
         raise ConfigError(
             f"refusing to start: workers = {config.workers} in {config.source}, but each worker "

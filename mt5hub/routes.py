@@ -72,6 +72,12 @@ def _setup_logging(level: str) -> None:
     log.setLevel(level)
 
 
+# RFC 8441 lets a client open a WebSocket as an HTTP/2 stream (h2c on the plain bind; TLS binds
+# offer only HTTP/1.1, see check_safe_to_serve). The hub's fan-out, flow control and hardening
+# are built on HTTP/1.1 sockets (docs/decisions/006-http11-only.md): such a stream is refused.
+_HTTP2_WEBSOCKET = Refusal(505, "WebSockets are served over HTTP/1.1 only (RFC 6455), not HTTP/2")
+
+
 def _token() -> str | None:
     return bearer_token(websocket.headers.get("Authorization"), websocket.args.get("token"))
 
@@ -192,6 +198,8 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     @app.websocket("/ws/dll")
     async def publisher() -> Response | None:
         ip = peer_ip()
+        if websocket.http_version != "1.1":
+            return _refuse(_HTTP2_WEBSOCKET, "http_version", hub, ip, throttle)
         grant = auth.publisher(_token())
         if isinstance(grant, Refusal):
             return _refuse(grant, "unauthorized", hub, ip, throttle)
@@ -208,6 +216,8 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     @app.websocket("/ws")
     async def viewer() -> Response | None:
+        if websocket.http_version != "1.1":
+            return _refuse(_HTTP2_WEBSOCKET, "http_version", hub, peer_ip(), throttle)
         refusal = auth.viewer(
             _token(),
             websocket.headers.get("Origin"),

@@ -57,7 +57,13 @@ def free_port() -> int:
 
 
 # Keys of hub_factory(**settings) that are Hypercorn's (top level of hub.toml), not [mt5hub]'s.
-HYPERCORN_KEYS = ("keep_alive_timeout", "ssl_handshake_timeout", "backlog", "read_timeout")
+HYPERCORN_KEYS = (
+    "keep_alive_timeout",
+    "ssl_handshake_timeout",
+    "backlog",
+    "read_timeout",
+    "accesslog",
+)
 
 
 def _toml_value(value: Any) -> str:
@@ -192,6 +198,7 @@ def write_hub_files(
         f'insecure_bind = ["{bind_host}:{http_port}"]',
         'certfile = "hub.crt"',
         'keyfile = "hub.key"',
+        f"alpn_protocols = {_toml_value(settings.pop('alpn_protocols', ['http/1.1']))}",
         f"websocket_max_message_size = {settings.pop('websocket_max_message_size', 1048576)}",
         f"graceful_timeout = {settings.pop('graceful_timeout', 2.0)}",
         'errorlog = "-"',

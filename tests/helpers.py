@@ -147,8 +147,11 @@ def upgrade_request(path: str, *headers: str) -> bytes:
 
 
 @asynccontextmanager
-async def stalled_viewer(port: int) -> AsyncIterator[trio.SocketStream]:
-    """A viewer that completes the handshake and then never reads a byte.
+async def stalled_viewer(
+    port: int, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[trio.abc.Stream]:
+    """A viewer that completes the handshake and then never reads a byte (over TLS with a
+    context: the WSS bind).
 
     A raw socket with a small receive buffer (set before connecting, so the TCP window stays
     small), so that the hub's side of it fills after a few frames.
@@ -156,7 +159,9 @@ async def stalled_viewer(port: int) -> AsyncIterator[trio.SocketStream]:
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
+    stream: trio.abc.Stream = trio.SocketStream(sock)
+    if ssl_context is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname="127.0.0.1")
     async with stream:
         await stream.send_all(upgrade_request("/ws"))
         head = b""

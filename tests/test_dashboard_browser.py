@@ -17,6 +17,8 @@ import math
 import os
 import random
 import re
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,8 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
+import trustme
+from conftest import require_tool
 
 try:
     from playwright.sync_api import Browser, Locator, Page, WebSocketRoute, expect, sync_playwright
@@ -42,7 +46,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-component-update",
     "--disable-sync",
-    "--ignore-certificate-errors",  # the hub's WSS certificate comes from a test CA
 ]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 TIMEOUT_MS = 10_000
@@ -140,7 +143,25 @@ def publishers() -> Iterator[Callable[[Any], Publisher]]:
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
+def browser_home(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Path:
+    """A HOME whose NSS database (where Chromium on Linux looks) trusts the tests' CA, which
+    issues every test hub's certificate: pages over https:// and sockets over wss:// are
+    verified as a user's browser verifies them, with no certificate errors ignored."""
+    certutil = require_tool("/usr/bin/certutil", "makes Chromium trust the test CA")
+    home = tmp_path_factory.mktemp("chromium-home")
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    ca.cert_pem.write_to_path(str(home / "ca.pem"))
+    for command in (
+        ["-N", "--empty-password"],
+        ["-A", "-n", "mt5hub test CA", "-t", "C,,", "-i", str(home / "ca.pem")],
+    ):
+        subprocess.run([certutil, "-d", f"sql:{nssdb}", *command], check=True, capture_output=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def browser(browser_home: Path) -> Iterator[Browser]:
     problem = None
     if sync_playwright is None:
         problem = "the playwright package is missing: pip install playwright"
@@ -151,7 +172,11 @@ def browser() -> Iterator[Browser]:
             pytest.fail(problem, pytrace=False)
         pytest.skip(problem)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            env={**os.environ, "HOME": str(browser_home)},
+        )
         yield browser
         browser.close()
 
@@ -165,7 +190,7 @@ def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
 
     def make(**options: Any) -> Page:
         options.setdefault("viewport", {"width": 1280, "height": 800})
-        context = browser.new_context(ignore_https_errors=True, **options)
+        context = browser.new_context(**options)
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
         page = context.new_page()
@@ -812,3 +837,143 @@ def test_realistic_feed_on_desktop_phone_and_dark(
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390
     box = panel(phone, "Trend", "EURUSD_PERIOD_H1").bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+
+
+# ---- over WSS, as deployed: the same HTTP/1.1 path as WS (docs/decisions/006-http11-only.md) ----
+
+
+def _hub_metric(hub: Any, name: str) -> float:
+    status, text = hub.get("/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def big_table(n: int, rows: int) -> dict[str, Any]:
+    """A table of `rows` rows whose first cell is `n`: frames of ~250 bytes a row."""
+    pairs = [f"P{i:04d}" for i in range(rows)]
+    return table(
+        "BIG",
+        "EURUSD_PERIOD_M1",
+        "BIG_1",
+        [row(p, (n, "clrGreen"), M1=(n, "clrGreen")) for p in pairs],
+    )
+
+
+def test_dashboard_over_wss_goes_live_on_an_http11_websocket(
+    hub_factory: Any, publishers: Any, new_page: Any
+) -> None:
+    """The browser trusts the hub's certificate (no errors ignored), negotiates HTTP/1.1 by ALPN
+    and upgrades its socket with a 101, as over ws://; the hub's access log agrees."""
+    hub = hub_factory(accesslog="-")
+    publishers(hub).publish(EURUSD_H1)
+    page = new_page()
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    handshakes: list[int] = []
+    cdp.on(
+        "Network.webSocketHandshakeResponseReceived",
+        lambda event: handshakes.append(event["response"]["status"]),
+    )
+    page.goto(hub.https_url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    expect(panel(page, "EA1", "EURUSD_PERIOD_H1").locator("tbody th")).to_have_text(
+        ["EURUSD", "GBPUSD"]
+    )
+    protocol = page.evaluate("performance.getEntriesByType('navigation')[0].nextHopProtocol")
+    assert protocol == "http/1.1"
+    assert handshakes == [101]  # an HTTP/2 stream (RFC 8441) would answer 200
+    log = hub.log()
+    assert '"GET /ws 1.1" 101' in log and '"GET /ws 2"' not in log, log[-2000:]
+
+
+def test_a_stalled_wss_viewer_does_not_delay_the_dashboard(
+    hub_factory: Any, publishers: Any, new_page: Any
+) -> None:
+    """A viewer that never reads, on the WSS bind, while the dashboard over WSS keeps up with
+    every update in lockstep (no slow-viewer timeout to rescue it in time)."""
+    hub = hub_factory(
+        viewer_buffer=4,
+        slow_viewer_timeout=3600,
+        viewer_timeout=3600,
+        rate_limit=1000,
+        rate_burst=1000,
+        max_rows=2000,
+    )
+    pub = publishers(hub)
+    page = new_page()
+    page.goto(hub.https_url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    with _stalled_tls_viewer(hub):
+        n = 0
+        while n < 200 and (n % 4 or not _hub_metric(hub, "mt5hub_conflated_total")):
+            n += 1
+            pub.publish(big_table(n, 1000))
+            expect(cell(panel(page, "BIG", "EURUSD_PERIOD_M1"), "P0000", "M1")).to_have_text(
+                str(n)
+            )
+        assert _hub_metric(hub, "mt5hub_conflated_total") > 0, f"no stall in {n} frames"
+        for _ in range(10):  # stalled and still connected, and the dashboard keeps up
+            n += 1
+            pub.publish(big_table(n, 1000))
+            expect(cell(panel(page, "BIG", "EURUSD_PERIOD_M1"), "P0000", "M1")).to_have_text(
+                str(n)
+            )
+        assert hub.health()["viewers"] == 2
+
+
+@contextlib.contextmanager
+def _stalled_tls_viewer(hub: Any) -> Iterator[None]:
+    """A viewer on the WSS bind that completes its handshake and then never reads a byte."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: fills soon
+    raw.settimeout(TIMEOUT_MS / 1000)
+    raw.connect(("127.0.0.1", hub.https_port))
+    with hub.client_ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        sock.sendall(
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:  # one byte at a time: read nothing past the head
+            byte = sock.recv(1)
+            assert byte, f"hub closed during the handshake: {head!r}"
+            head += byte
+        assert head.startswith(b"HTTP/1.1 101"), head
+        yield
+
+
+def test_a_slow_wss_dashboard_is_conflated_and_ends_on_the_latest_state(
+    hub_factory: Any, publishers: Any, new_page: Any
+) -> None:
+    """A dashboard whose page is too busy to read (its main thread blocked for seconds) gets the
+    latest state when it reads again, not the queue of everything published meanwhile."""
+    hub = hub_factory(rate_limit=1000, rate_burst=1000, max_rows=2000)
+    pub = publishers(hub)
+    page = new_page()
+    frames: list[int] = []
+    page.on(
+        "websocket",
+        lambda ws: ws.on(
+            "framereceived",
+            lambda payload: frames.append(1) if '"key":"BIG"' in str(payload) else None,
+        ),
+    )
+    page.goto(hub.https_url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    pub.publish(big_table(0, 500))
+    expect(cell(panel(page, "BIG", "EURUSD_PERIOD_M1"), "P0000", "M1")).to_have_text("0")
+    page.evaluate("setTimeout(() => { const end = Date.now() + 4000; while (Date.now() < end); })")
+    published = 60
+    for n in range(1, published + 1):
+        pub.publish(big_table(n, 500))
+        time.sleep(0.03)  # an EA's pace, while the page is busy
+    expect(cell(panel(page, "BIG", "EURUSD_PERIOD_M1"), "P0000", "M1")).to_have_text(
+        str(published), timeout=3 * TIMEOUT_MS
+    )
+    assert _hub_metric(hub, "mt5hub_conflated_total") > 0
+    assert len(frames) < published, f"{len(frames)} frames: a queue, not the latest state"

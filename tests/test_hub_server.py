@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -84,6 +85,13 @@ async def next_update(ws: WebSocketConnection, key: str | None = None) -> dict[s
         message = await receive(ws, "update", timeout=DEADLINE)
         if key is None or message["key"] == key:
             return message
+
+
+def viewer_endpoint(hub: RunningHub, scheme: str) -> tuple[int, str, ssl.SSLContext | None]:
+    """(port, URL, TLS context) of the hub's WS or WSS bind, for a viewer: the same path both."""
+    if scheme == "wss":
+        return hub.https_port, hub.wss_url, hub.client_ssl_context()
+    return hub.http_port, hub.ws_url, None
 
 
 def big_frame(n: int, rows: int) -> str:
@@ -211,7 +219,7 @@ class WsprotoViewer:
     proves that updates compressed once, each on its own, decode for such clients too.
     """
 
-    def __init__(self, stream: trio.SocketStream, answer_pings: bool) -> None:
+    def __init__(self, stream: trio.abc.Stream, answer_pings: bool) -> None:
         self.stream, self.ws, self.raw_bytes, self.compressed = stream, WSConnection(CLIENT), 0, 0
         self.pending: list[Any] = []
         self.answer_pings = answer_pings
@@ -220,9 +228,17 @@ class WsprotoViewer:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, port: int, deflate: bool = True, answer_pings: bool = True
+        cls,
+        port: int,
+        deflate: bool = True,
+        answer_pings: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> AsyncIterator[WsprotoViewer]:
-        self = cls(await trio.open_tcp_stream("127.0.0.1", port), answer_pings)
+        """A viewer on this port: over TLS (the WSS bind) when given an `ssl_context`."""
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context, server_hostname="127.0.0.1")
+        self = cls(stream, answer_pings)
         async with self.stream:
             extensions = [PerMessageDeflate()] if deflate else []
             await self.stream.send_all(
@@ -275,13 +291,15 @@ def _rsv1_frames(data: bytes) -> int:
     return int(bool(data) and data[0] & 0x40 and data[0] & 0x0F == 1)
 
 
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
 async def test_viewers_offering_permessage_deflate_get_updates_compressed_and_intact(
-    hub: RunningHub,
+    hub: RunningHub, scheme: str
 ) -> None:
+    port, url, context = viewer_endpoint(hub, scheme)
     async with (
-        WsprotoViewer.connect(hub.http_port) as one,
-        WsprotoViewer.connect(hub.http_port) as two,
-        viewer(hub.ws_url) as plain,
+        WsprotoViewer.connect(port, ssl_context=context) as one,
+        WsprotoViewer.connect(port, ssl_context=context) as two,
+        viewer(url, context) as plain,
         publisher(hub.ws_url) as pub,
     ):
         for view in (one, two):
@@ -310,16 +328,18 @@ async def test_viewers_offering_permessage_deflate_get_updates_compressed_and_in
         assert await metric(hub, "mt5hub_compressions_total") == 20 + 1 + 2
 
 
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
 async def test_a_viewer_is_sent_no_more_until_it_has_read_what_it_was_sent(
-    hub_factory: Callable[..., RunningHub],
+    hub_factory: Callable[..., RunningHub], scheme: str
 ) -> None:
     """Flow control at its strictest (`viewer_lag = 0`): after each write, which ends with a
     ping, the hub waits for the pong; what is published meanwhile is conflated, so the pong
     brings the latest state only. A viewer that reads but never answers is one that has stopped
     reading: 4009."""
     hub = hub_factory(viewer_lag=0.0, slow_viewer_timeout=2.0)
+    port, _, context = viewer_endpoint(hub, scheme)
     async with (
-        WsprotoViewer.connect(hub.http_port, deflate=False, answer_pings=False) as view,
+        WsprotoViewer.connect(port, deflate=False, answer_pings=False, ssl_context=context) as view,
         viewer(hub.ws_url) as prompt,
         publisher(hub.ws_url) as pub,
     ):
@@ -474,7 +494,10 @@ async def test_5_publishers_and_20_viewers_all_end_with_the_latest_seq_of_every_
 # -- slow viewers ----------------------------------------------------------------------------------
 
 
-async def test_stalled_viewer_does_not_delay_a_healthy_viewer(hub_factory: HubFactory) -> None:
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_stalled_viewer_does_not_delay_a_healthy_viewer(
+    hub_factory: HubFactory, scheme: str
+) -> None:
     """A viewer that never reads, with no slow-viewer timeout to rescue the others in time."""
     hub = hub_factory(
         viewer_buffer=4,
@@ -485,10 +508,11 @@ async def test_stalled_viewer_does_not_delay_a_healthy_viewer(hub_factory: HubFa
         max_rows=2000,
     )
     rows = 1500  # ~400 KB a frame: the stalled socket's buffers fill after a few
+    port, url, context = viewer_endpoint(hub, scheme)
     with trio.fail_after(3 * DEADLINE):
         async with (
-            stalled_viewer(hub.http_port),
-            viewer(hub.ws_url) as healthy,
+            stalled_viewer(port, context),
+            viewer(url, context) as healthy,
             publisher(hub.ws_url) as pub,
         ):
             await receive(healthy, "snapshot")
