@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-publisher-token"
 EA1_ONLY_TOKEN = "token-for-ea1-only"
 IN_CI = os.environ.get("CI") == "true"
+pytest_plugins = ["browser"]  # tests/browser.py: Chromium, trusting the tests' CA
 
 
 sys.path.insert(0, str(ROOT / "scripts"))

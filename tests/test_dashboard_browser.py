@@ -2,8 +2,7 @@
 
 Each test publishes on /ws/dll like an EA's DLL would and watches the page with Playwright's
 auto-waiting `expect`. Chromium is Debian's (/usr/bin/chromium): Playwright's own browser download
-does not work on our machines. Outside CI a missing browser skips these tests; under CI=true it
-fails them, so that a broken install cannot pass for green.
+does not work on our machines; tests/browser.py has the fixtures that start it.
 
 MT5HUB_UPDATE_SCREENSHOT=1 makes test_realistic_feed_on_desktop_phone_and_dark rewrite
 docs/dashboard.png (the README's picture).
@@ -18,7 +17,6 @@ import os
 import random
 import re
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,27 +26,14 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
-import trustme
-from conftest import require_tool
+from browser import TIMEOUT_MS
 
 try:
-    from playwright.sync_api import Browser, Locator, Page, WebSocketRoute, expect, sync_playwright
-except ImportError:  # reported by the `browser` fixture, as a skip or (under CI) a failure
-    sync_playwright = None
+    from playwright.sync_api import Locator, Page, WebSocketRoute, expect
+except ImportError:  # reported by the `browser` fixture (tests/browser.py), a skip or a failure
+    pass
 
-CHROMIUM = os.environ.get("MT5HUB_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",  # this machine has no internet: no pointless connects
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
-TIMEOUT_MS = 10_000
 
 
 # ---- publishing, as the DLL does --------------------------------------------------------------
@@ -140,75 +125,6 @@ def publishers() -> Iterator[Callable[[Any], Publisher]]:
 
 
 # ---- the browser ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def browser_home(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Path:
-    """A HOME whose NSS database (where Chromium on Linux looks) trusts the tests' CA, which
-    issues every test hub's certificate: pages over https:// and sockets over wss:// are
-    verified as a user's browser verifies them, with no certificate errors ignored."""
-    certutil = require_tool("/usr/bin/certutil", "makes Chromium trust the test CA")
-    home = tmp_path_factory.mktemp("chromium-home")
-    nssdb = home / ".pki" / "nssdb"
-    nssdb.mkdir(parents=True)
-    ca.cert_pem.write_to_path(str(home / "ca.pem"))
-    for command in (
-        ["-N", "--empty-password"],
-        ["-A", "-n", "mt5hub test CA", "-t", "C,,", "-i", str(home / "ca.pem")],
-    ):
-        subprocess.run([certutil, "-d", f"sql:{nssdb}", *command], check=True, capture_output=True)
-    return home
-
-
-@pytest.fixture(scope="session")
-def browser(browser_home: Path) -> Iterator[Browser]:
-    problem = None
-    if sync_playwright is None:
-        problem = "the playwright package is missing: pip install playwright"
-    elif not Path(CHROMIUM).exists():
-        problem = f"no Chromium at {CHROMIUM}: apt-get install chromium"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(problem, pytrace=False)
-        pytest.skip(problem)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-            env={**os.environ, "HOME": str(browser_home)},
-        )
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
-    """`new_page(**context_options)`: a fresh page (own localStorage). After the test, the page
-    must have thrown no error and broken no Content-Security-Policy rule."""
-    contexts = []
-    problems: list[str] = []
-
-    def make(**options: Any) -> Page:
-        options.setdefault("viewport", {"width": 1280, "height": 800})
-        context = browser.new_context(**options)
-        context.set_default_timeout(TIMEOUT_MS)
-        contexts.append(context)
-        page = context.new_page()
-        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-        page.on(
-            "console",
-            lambda msg: (
-                problems.append(f"console: {msg.text}")
-                if "Content Security Policy" in msg.text
-                else None
-            ),
-        )
-        return page
-
-    yield make
-    for context in contexts:
-        context.close()
-    assert problems == []
 
 
 def panel(page: Page, key: str, src: str) -> Locator:
@@ -911,16 +827,12 @@ def test_a_stalled_wss_viewer_does_not_delay_the_dashboard(
         while n < 200 and (n % 4 or not _hub_metric(hub, "mt5hub_conflated_total")):
             n += 1
             pub.publish(big_table(n, 1000))
-            expect(cell(panel(page, "BIG", "EURUSD_PERIOD_M1"), "P0000", "M1")).to_have_text(
-                str(n)
-            )
+            expect(cell(panel(page, "BIG", "EURUSD_PERIOD_M1"), "P0000", "M1")).to_have_text(str(n))
         assert _hub_metric(hub, "mt5hub_conflated_total") > 0, f"no stall in {n} frames"
         for _ in range(10):  # stalled and still connected, and the dashboard keeps up
             n += 1
             pub.publish(big_table(n, 1000))
-            expect(cell(panel(page, "BIG", "EURUSD_PERIOD_M1"), "P0000", "M1")).to_have_text(
-                str(n)
-            )
+            expect(cell(panel(page, "BIG", "EURUSD_PERIOD_M1"), "P0000", "M1")).to_have_text(str(n))
         assert hub.health()["viewers"] == 2
 
 

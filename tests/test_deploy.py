@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -32,6 +33,7 @@ import trio
 import trustme
 from conftest import ROOT, RunningHub, free_port, require_tool
 from helpers import publish_frame, publisher, receive, table_rows, viewer
+from playwright.sync_api import expect
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 DEPLOY = ROOT / "deploy"
@@ -143,8 +145,8 @@ def nginx_config(folder: Path, cert: Path, key: Path, port: int, upstream: int) 
         {
             "listen 80;": f"listen 127.0.0.1:{free_port()};",
             "listen [::]:80;\n": "",
-            "listen 443 ssl;": f"listen 127.0.0.1:{port} ssl;",
-            "listen [::]:443 ssl;\n": "",
+            "listen 443 ssl http2;": f"listen 127.0.0.1:{port} ssl http2;",
+            "listen [::]:443 ssl http2;\n": "",
             f"/etc/letsencrypt/live/{PLACEHOLDER_HOST}/fullchain.pem": str(cert),
             f"/etc/letsencrypt/live/{PLACEHOLDER_HOST}/privkey.pem": str(key),
             "server 127.0.0.1:8000;": f"server 127.0.0.1:{upstream};",
@@ -181,7 +183,7 @@ def nginx_front(
     hub_factory: Callable[..., RunningHub], tmp_path: Path, ca: trustme.CA
 ) -> Iterator[Proxy]:
     nginx = tool("nginx", "the deploy/nginx.conf example")
-    hub = hub_factory()
+    hub = hub_factory(accesslog="-")  # to see what reached the hub
     proxy = Proxy(hub, free_port(), tmp_path)
     conf = nginx_config(tmp_path, *issue_cert(ca, tmp_path), proxy.port, hub.http_port)
     checked = subprocess.run(
@@ -257,7 +259,7 @@ def caddy_front(
     hub_factory: Callable[..., RunningHub], tmp_path: Path, ca: trustme.CA
 ) -> Iterator[Proxy]:
     caddy = tool("caddy", "the deploy/Caddyfile example")
-    hub = hub_factory()
+    hub = hub_factory(accesslog="-")  # to see what reached the hub
     proxy = Proxy(hub, free_port(), tmp_path)
     config = caddy_config(tmp_path, *issue_cert(ca, tmp_path), proxy.port, hub.http_port)
     env = caddy_env(tmp_path)
@@ -316,6 +318,30 @@ async def proxied_hub_works(proxy: Proxy) -> None:
             # and the publisher's own channel works both ways through the proxy
             await pub.send_message('{"type":"ping"}')
             await receive(pub, "pong", timeout=DEADLINE)
+
+
+@pytest.mark.parametrize("front", ["nginx_front", "caddy_front"])
+def test_a_browser_gets_http2_from_the_proxy_and_the_hub_gets_http11_websockets(
+    front: str, request: pytest.FixtureRequest, new_page: Callable[..., Any]
+) -> None:
+    """Chromium, trusting the proxy's certificate, loads the dashboard over HTTP/2; its WebSocket
+    reaches the hub as an HTTP/1.1 upgrade, the path the hub serves (never an HTTP/2 stream)."""
+    proxy: Proxy = request.getfixturevalue(front)
+    page = new_page()
+    page.goto(proxy.https_url)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    assert page.evaluate("performance.getEntriesByType('navigation')[0].nextHopProtocol") == "h2"
+
+    async def publish() -> None:
+        async with publisher(proxy.wss_url, ssl_context=proxy.ssl_context()) as pub:
+            await pub.send_message(publish_frame(key="EA1", src="S1", value=7))
+            await pub.send_message('{"type":"ping"}')
+            await receive(pub, "pong", timeout=DEADLINE)
+
+    trio.run(publish)
+    expect(page.locator('section.panel[data-key="EA1"][data-src="S1"]')).to_be_visible()
+    log = proxy.hub.log()
+    assert '"GET /ws 1.1" 101' in log and '"GET /ws 2' not in log, log[-3000:]
 
 
 # -- systemd -----------------------------------------------------------------------------------
