@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/compare.py                                  # 50, 200, 1000 viewers
     .venv/bin/python bench/compare.py --viewers 50,200 --seconds 10 --deflate --json
+    .venv/bin/python bench/compare.py --servers mt5hub --schemes ws,wss --deflate --repeat 3
 
 Why: the README's figures say what mt5hub does; this says what it does better than the design it
 replaces (FastAPI, one list of clients, a `for` loop of `send_text`, plain uvicorn), on the same
@@ -22,6 +23,12 @@ RSS of the server's process tree (/proc) before the load, at its peak and after,
 seconds the tree used during the load (and, in brackets, what the rest of the machine used
 meanwhile besides the load generator: a busy neighbour shows there).
 
+`--schemes ws,wss` runs each server over plain WebSockets and over TLS (a trustme certificate the
+load generator trusts; mt5hub's TLS bind offers HTTP/1.1 only, as hub.toml ships; the baseline
+runs uvicorn with --ssl-certfile), `--repeat N` interleaves N rounds of every (server, scheme) pair
+so that a drift of the machine shows as spread, not as a difference. The hub CPU per delivery
+column divides the server's CPU seconds by the updates it delivered.
+
 The table ends each (viewers, stalled) group with a ratio row: mt5hub/baseline for updates
 delivered and deliveries/s, baseline/mt5hub for latency, freshness and RSS after: above 1, mt5hub
 is better. The process helpers (ports, process groups, /proc sampling, log grep) come from
@@ -37,6 +44,7 @@ import contextlib
 import json
 import math
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -55,14 +63,16 @@ SERVERS = ("baseline", "mt5hub")
 LOAD_SLACK = 60.0  # fake_dll's own bounds, then this much, before it is killed
 
 
-def wait_for_http(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+def wait_for_http(proc: subprocess.Popen[bytes], port: int, log: Path, tls: bool = False) -> None:
     """Until the server answers HTTP at all (the baseline has no /healthz: a 404 will do)."""
     deadline = time.monotonic() + bb.STARTUP_TIMEOUT
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/healthz"
+    context = ssl._create_unverified_context() if tls else None  # only: is it up yet?
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2.0):
+            with urllib.request.urlopen(url, timeout=2.0, context=context):
                 return
         except urllib.error.HTTPError:
             return
@@ -72,7 +82,31 @@ def wait_for_http(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
             time.sleep(0.2)
 
 
-def start_server(server: str, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+TLS_LINES = """\
+certfile = "hub.crt"
+keyfile = "hub.key"
+alpn_protocols = ["http/1.1"]
+insecure_bind = ["127.0.0.1:{health_port}"]  # /healthz for the launcher, in plain HTTP
+"""
+
+
+def write_certificate(workdir: Path) -> Path:
+    """hub.crt/hub.key for 127.0.0.1 from a fresh trustme CA; the CA's file, for the clients."""
+    import trustme  # only with --schemes wss (a test and bench dependency)
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_pem.write_to_path(str(workdir / "hub.key"))
+    cert.cert_chain_pems[0].write_to_path(str(workdir / "hub.crt"))
+    ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
+    return workdir / "ca.pem"
+
+
+def start_server(
+    server: str, port: int, workdir: Path, health_port: int | None = None
+) -> subprocess.Popen[bytes]:
+    """The server on `port`; with `health_port`, over TLS on `port` (hub.crt in `workdir`) and,
+    for mt5hub, plain HTTP on `health_port` for the launcher's /healthz."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     for var in ("MT5HUB_CONFIG", "MT5HUB_TOKENS", "MT5HUB_BACKPLANE", "MT5HUB_VIEWER_TOKENS"):
@@ -82,11 +116,16 @@ def start_server(server: str, port: int, workdir: Path) -> subprocess.Popen[byte
     if server == "baseline":  # plain uvicorn: its defaults (websockets, permessage-deflate)
         command = [str(bindir / "uvicorn"), "bench.seed_fastapi:app"]
         command += ["--host", "127.0.0.1", "--port", str(port)]
+        if health_port is not None:
+            command += ["--ssl-certfile", str(workdir / "hub.crt")]
+            command += ["--ssl-keyfile", str(workdir / "hub.key")]
         cwd = REPO
     else:
-        (workdir / "hub.toml").write_text(
-            bb.HUB_TOML.format(name="mt5hub", workers=1, port=port, backplane="", token=bb.TOKEN)
-        )
+        toml = bb.HUB_TOML.format(name="mt5hub", workers=1, port=port, backplane="", token=bb.TOKEN)
+        if health_port is not None:
+            head, _, rest = toml.partition("[mt5hub]")
+            toml = head + TLS_LINES.format(health_port=health_port) + "\n[mt5hub]" + rest
+        (workdir / "hub.toml").write_text(toml)
         command = [str(bindir / "hypercorn"), "--config", "hub.toml", "mt5hub:app"]
         cwd = workdir
     with open(workdir / "server.log", "wb") as log:  # the child keeps its own copy of the fd
@@ -97,7 +136,7 @@ def start_server(server: str, port: int, workdir: Path) -> subprocess.Popen[byte
 
 
 def run_one(
-    server: str, viewers: int, stalled: int, args: argparse.Namespace, workdir: Path
+    server: str, scheme: str, viewers: int, stalled: int, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
     """One server, one load: start it, measure it, stop it."""
     port = bb.free_port()
@@ -105,18 +144,27 @@ def run_one(
     load_args = argparse.Namespace(**vars(args))
     load_args.viewers, load_args.stalled = viewers, stalled
     command = bb.load_command(load_args, port) + (["--deflate"] if args.deflate else [])
+    health_port = None
+    if scheme == "wss":
+        health_port = bb.free_port() if server == "mt5hub" else None
+        command[command.index(f"ws://127.0.0.1:{port}")] = f"wss://127.0.0.1:{port}"
+        command += ["--ca", str(write_certificate(workdir))]
     proc: subprocess.Popen[bytes] | None = None
     load: subprocess.Popen[str] | None = None
     sampler: bb.Sampler | None = None
     try:
-        proc = start_server(server, port, workdir)
+        proc = start_server(
+            server, port, workdir, health_port or (port if scheme == "wss" else None)
+        )
         if server == "baseline":
-            wait_for_http(proc, port, log)
+            wait_for_http(proc, port, log, tls=scheme == "wss")
         else:
-            bb.wait_for_hub(proc, port, 1, log)
+            bb.wait_for_hub(proc, health_port or port, 1, log)
         time.sleep(1.0)  # let it settle
         rss_before, cpu_before = bb.tree_rss(proc.pid), bb.tree_cpu(proc.pid)
-        sampler = bb.Sampler(proc.pid, port)  # peak RSS (its /healthz polls fail quietly here)
+        sampler = bb.Sampler(
+            proc.pid, health_port or port
+        )  # peak RSS (its /healthz polls fail quietly here)
         sampler.start()
         reaped_before, (busy_before, _) = bb.children_cpu(), bb.system_busy()
         started = time.monotonic()
@@ -141,6 +189,7 @@ def run_one(
             raise RuntimeError(f"fake_dll load exited with {load.returncode}: {err.strip()}")
         return {
             "server": server,
+            "scheme": scheme,
             "viewers": viewers,
             "stalled": stalled,
             "load": json.loads(out.strip().splitlines()[-1]),
@@ -178,51 +227,61 @@ def ratio(top: float | None, bottom: float | None) -> str:
     return f"{top / bottom:.2f}x"
 
 
+def cpu_per_delivery_us(result: dict[str, Any]) -> float | None:
+    delivered = result["load"]["updates_delivered"]
+    return round(1e6 * result["cpu_s"] / delivered, 1) if delivered else None
+
+
 def table(results: Sequence[dict[str, Any]]) -> str:
     head = (
         "| viewers (stalled) | server | updates delivered | deliveries/s (expected) "
         "| latency p50 ms | p99 ms | max ms | freshness p50 ms | p99 ms "
-        "| RSS MB before->after (peak) | CPU s (rest of machine) |"
+        "| RSS MB before->after (peak) | CPU s (rest of machine) | CPU us/delivery |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    groups: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for result in results:
-        groups.setdefault((result["viewers"], result["stalled"]), {})[result["server"]] = result
-    for (viewers, stalled), by_server in groups.items():
+        groups.setdefault((result["viewers"], result["stalled"]), []).append(result)
+    for (viewers, stalled), group in groups.items():
         label = f"{viewers} ({stalled})"
-        for server in SERVERS:
-            r = by_server.get(server)
-            if r is None:
-                continue
+        for r in sorted(group, key=lambda r: (SERVERS.index(r["server"]), r.get("scheme", "ws"))):
+            name = r["server"] + (" wss" if r.get("scheme") == "wss" else "")
             if "error" in r:
-                rows.append(f"| {label} | {server} | failed: {r['error'][:120]} |")
+                rows.append(f"| {label} | {name} | failed: {r['error'][:120]} |")
                 continue
             x, rss = r["load"], r["rss_mb"]
             lat, fresh = x["latency_ms"], x["freshness_ms"]
             rows.append(
-                f"| {label} | {server} | {x['updates_delivered']} "
+                f"| {label} | {name} | {x['updates_delivered']} "
                 f"| {x['deliveries_per_s']:g} ({x['expected_deliveries_per_s']:g}) "
                 f"| {number(lat['p50'])} | {number(lat['p99'])} | {number(lat['max'])} "
                 f"| {number(fresh['p50'])} | {number(fresh['p99'])} "
                 f"| {rss['before']:g} -> {rss['after']:g} ({rss['peak']:g}) "
-                f"| {r['cpu_s']:g} ({r['other_cpu_s']:g}) |"
+                f"| {r['cpu_s']:g} ({r['other_cpu_s']:g}) | {number(cpu_per_delivery_us(r))} |"
             )
-        base, hub = by_server.get("baseline"), by_server.get("mt5hub")
-        if base and hub and "error" not in base and "error" not in hub:
-            b, h = base["load"], hub["load"]
-            rows.append(
-                f"| {label} | **ratio** | {ratio(h['updates_delivered'], b['updates_delivered'])} "
-                f"| {ratio(h['deliveries_per_s'], b['deliveries_per_s'])} "
-                + "".join(
-                    f"| {ratio(b['latency_ms'][q], h['latency_ms'][q])} "
-                    for q in ("p50", "p99", "max")
+        for scheme in ("ws", "wss"):
+            by_server = {
+                r["server"]: r
+                for r in group
+                if r.get("scheme", "ws") == scheme and "error" not in r
+            }
+            base, hub = by_server.get("baseline"), by_server.get("mt5hub")
+            if base and hub:
+                b, h = base["load"], hub["load"]
+                rows.append(
+                    f"| {label} | **ratio {scheme}** "
+                    f"| {ratio(h['updates_delivered'], b['updates_delivered'])} "
+                    f"| {ratio(h['deliveries_per_s'], b['deliveries_per_s'])} "
+                    + "".join(
+                        f"| {ratio(b['latency_ms'][q], h['latency_ms'][q])} "
+                        for q in ("p50", "p99", "max")
+                    )
+                    + "".join(
+                        f"| {ratio(b['freshness_ms'][q], h['freshness_ms'][q])} "
+                        for q in ("p50", "p99")
+                    )
+                    + f"| {ratio(base['rss_mb']['after'], hub['rss_mb']['after'])} | | |"
                 )
-                + "".join(
-                    f"| {ratio(b['freshness_ms'][q], h['freshness_ms'][q])} "
-                    for q in ("p50", "p99")
-                )
-                + f"| {ratio(base['rss_mb']['after'], hub['rss_mb']['after'])} | |"
-            )
     return "\n".join(rows)
 
 
@@ -247,7 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deflate", action="store_true", help="viewers offer permessage-deflate")
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and server logs")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="baseline and/or mt5hub")
+    parser.add_argument("--schemes", default="ws", help="ws and/or wss (TLS), comma-separated")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds of each pair")
     args = parser.parse_args(argv)
+    servers = [s for s in args.servers.split(",") if s]
+    schemes = [s for s in args.schemes.split(",") if s]
+    if not set(servers) <= set(SERVERS) or not set(schemes) <= {"ws", "wss"}:
+        parser.error(f"--servers takes {', '.join(SERVERS)}; --schemes takes ws, wss")
     try:
         counts = [int(v) for v in args.viewers.split(",")]
         shares = [float(v) for v in args.stalled_pct.split(",")]
@@ -262,21 +328,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             for viewers in counts:
                 for share in shares:
                     stalled = round(viewers * share / 100)
-                    for server in SERVERS:
-                        workdir = root / f"{server}-{viewers}-{stalled}"
+                    runs = [
+                        (n, sv, sc) for n in range(args.repeat) for sv in servers for sc in schemes
+                    ]
+                    for n, server, scheme in runs:
+                        workdir = root / f"{server}-{scheme}-{viewers}-{stalled}-{n}"
                         workdir.mkdir()
                         print(
-                            f"== {server}: {args.publishers} x {args.rate:g}/s -> {viewers} "
-                            f"viewers ({stalled} stalled), {args.seconds:g} s"
+                            f"== {server} over {scheme}: {args.publishers} x {args.rate:g}/s -> "
+                            f"{viewers} viewers ({stalled} stalled), {args.seconds:g} s"
                             + (", deflate" if args.deflate else ""),
                             file=sys.stderr,
                             flush=True,
                         )
                         try:
-                            result = run_one(server, viewers, stalled, args, workdir)
+                            result = run_one(server, scheme, viewers, stalled, args, workdir)
                         except (RuntimeError, OSError, ValueError) as exc:
                             result = {
                                 "server": server,
+                                "scheme": scheme,
                                 "viewers": viewers,
                                 "stalled": stalled,
                                 "error": str(exc),
@@ -301,7 +371,8 @@ def report(result: dict[str, Any]) -> None:
             f"freshness p99 {x['freshness_ms']['p99']} ms, mean {x['mean_latency_ms']} ms"
             + (f" (in the hub {hub} ms)" if (hub := x.get("hub_mean_latency_ms")) else "")
             + f", {x['publishers_cut_off']} publishers cut off, "
-            f"{x['viewers_closed']} viewers closed",
+            f"{x['viewers_closed']} viewers closed"
+            + (f", {us:g} us CPU/delivery" if (us := cpu_per_delivery_us(result)) else ""),
             file=sys.stderr,
             flush=True,
         )
