@@ -101,6 +101,9 @@ class Settings:
     # directory); "" keeps nothing. Unused with a backplane, where the state lives in Redis.
     state_file: str = "mt5hub-state.json"
     state_interval: float = 1.0  # at most one write per this many seconds, and only after a change
+    # Serve on Hypercorn's public ASGI path alone, without mt5hub.server's adapter (for a
+    # Hypercorn the adapter does not support): slower, and without its protections.
+    asgi_only: bool = False
 
     def problems(self) -> list[str]:
         """What is wrong beyond the types, which cattrs checks."""

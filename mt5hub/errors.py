@@ -16,12 +16,21 @@ class HubError(Exception):
 
 
 class ProtocolError(HubError):
-    """A frame the hub did not accept: answered with an error frame, connection stays up."""
+    """A frame the hub did not accept: answered with an error frame, connection stays up.
 
-    def __init__(self, code: str, detail: str) -> None:
+    `extra` fields go into the error frame beside `code` and `detail` (e.g. the limit a frame
+    went over, so that a client can adapt instead of guessing).
+    """
+
+    def __init__(self, code: str, detail: str, **extra: object) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+        self.extra = extra
+
+    def fields(self) -> dict[str, object]:
+        """What the error frame says besides its type and code."""
+        return {"detail": self.detail, **self.extra}
 
 
 class FrameTooLarge(HubError):

@@ -1,9 +1,10 @@
-"""The fan-out core: tables, their latest state, presence, and one mailbox per viewer.
+"""The fan-out core: tables, their latest state, presence, and the viewers they go to.
 
 No web framework in here. Everything is synchronous and non-blocking on the publish path: an
-update is encoded once, stored, and put in every viewer's mailbox (which keeps the latest frame
-per table) without waiting, so one slow viewer can never hold up a publisher or another viewer.
-Tests drive it with memory channels alone.
+update is encoded once, stored, and offered to every viewer (`Subscriber.offer`), which writes it
+at once or keeps it in a conflating channel (the latest frame per table) without waiting, so one
+slow viewer can never hold up a publisher or another viewer. Tests drive it with `Inbox`es, which
+are conflating channels alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from .channel import open_conflating_channel
 from .errors import ProtocolError
 from .metrics import Metrics
 from .models import Head
@@ -36,9 +38,9 @@ def encode(obj: Any) -> str:
 
 @attrs.define(eq=False)
 class Frame:
-    """One encoded message, shared by every mailbox it is put in.
+    """One encoded message, shared by every viewer it is offered to.
 
-    `slot` names what a newer frame may replace when a mailbox is full: an update replaces the
+    `slot` names what a newer frame may replace while it waits to be sent: an update replaces the
     previous update of its table, a presence the previous presence. A frame without a slot
     (snapshot, ping, error) is never conflated.
     """
@@ -52,79 +54,44 @@ class Frame:
     deflated: dict[int, bytes] | None = None
 
 
-class Mailbox:
-    """What a connection has yet to be sent: at most one frame per slot, oldest slot first.
+def frame_slot(frame: Frame) -> object:
+    return frame.slot
 
-    A newer frame of a slot that is still waiting replaces it in place (counted as conflated), so
-    a viewer that falls behind skips straight to the latest state of each table instead of
-    working through a queue of stale ones: what it is sent next is never older than what the
-    hub holds. Memory is bounded by the number of slots (tables) plus `size` frames without a
-    slot (snapshot, pings, error frames), which are kept in order and dropped past that.
 
-    A prompt reader takes each frame before the next of its slot arrives and misses nothing;
-    conflation starts the moment it falls behind, not after a buffer of old frames has filled
-    (at 100 updates/s, 64 queued frames were over half a second of staleness per viewer).
+class Subscriber(Protocol):
+    """Where the hub offers every frame a viewer must see (a ViewerSession, or an Inbox)."""
+
+    def offer(self, frame: Frame, express: bool = True) -> bool:
+        """Take this frame without waiting; True if it replaced an unsent one of its slot.
+
+        `express=False`: frames that arrive together, to go out in one write.
+        """
+        ...
+
+
+class Inbox:
+    """What a connection has yet to be sent: a conflating channel (mt5hub.channel) of frames.
+
+    At most one frame per slot waits (a newer one replaces it and keeps its turn), so a viewer
+    that falls behind skips to the latest state of each table; frames without a slot (snapshot,
+    pings, error frames) wait in order, at most `size` of them (more are dropped and counted).
     """
 
     def __init__(self, size: int, metrics: Metrics, role: str) -> None:
-        # Set by a connection that can take a frame at once, in the caller's task (see put).
-        self.express: Callable[[Frame], bool] | None = None
-        self._pending: dict[object, Frame] = {}
-        self._unslotted = 0
-        self._size = size
-        self._lot = trio.lowlevel.ParkingLot()
-        self._metrics = metrics
-        self._role = role
+        self.send, self.receive = open_conflating_channel(size, frame_slot)
+        self._dropped = metrics.dropped.labels(role)
 
-    def put(self, frame: Frame, express: bool = True) -> bool:
-        """Add this frame; True if it replaced one of its slot that was waiting (conflated).
-
-        The caller counts those, once for all its mailboxes: with 1,000 viewers behind, a
-        counter (which takes a lock) incremented here was 100,000 increments a second.
-        `express=False` leaves the frame to the writer even when the connection could take it
-        at once (frames that arrive together, to go out in one write).
-        """
-        pending = self._pending
-        if not pending and express and self.express is not None and self.express(frame):
-            return False  # nothing was waiting, and the connection took it at once
-        if frame.slot is None:
-            if self._unslotted >= self._size:
-                self._metrics.dropped.labels(self._role).inc()
-                return False
-            self._unslotted += 1
-            pending[object()] = frame  # a key of its own: never replaced
-        elif frame.slot in pending:
-            pending[frame.slot] = frame  # replaces the waiting frame and keeps its place
-            return True
-        else:
-            pending[frame.slot] = frame
-        if self._lot:
-            self._lot.unpark()
-        return False
-
-    def get_nowait(self) -> Frame | None:
-        """The next frame if one is waiting, else None."""
-        if not self._pending:
-            return None
-        key = next(iter(self._pending))
-        frame = self._pending.pop(key)
-        if frame.slot is None:
-            self._unslotted -= 1
-        return frame
-
-    async def get(self) -> Frame:
-        await self.wait()
-        frame = self.get_nowait()
-        assert frame is not None  # one reader per mailbox: nobody took it meanwhile
-        return frame
-
-    async def wait(self) -> None:
-        """Until a frame is waiting (it stays in the mailbox, where newer ones may replace it)."""
-        while not self._pending:
-            await self._lot.park()
+    def offer(self, frame: Frame, express: bool = True) -> bool:
+        try:
+            return self.send.send_nowait(frame)
+        except trio.WouldBlock:
+            self._dropped.inc()
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False  # the connection is over: nobody will read it
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self.receive)
 
 
 @attrs.define(eq=False)
@@ -244,9 +211,9 @@ class Hub:
         self.metrics = metrics or Metrics()
         self.viewer_buffer = viewer_buffer
         self.tables: dict[TableId, TableState] = {}
-        self.viewers: set[Mailbox] = set()
-        # Viewers that are handed every event as it is applied: all but those `away`.
-        self._present: set[Mailbox] = set()
+        self.viewers: set[Subscriber] = set()
+        # Viewers that are offered every event as it is applied: all but those `away`.
+        self._present: set[Subscriber] = set()
         # The latest frame of each slot, with the number of the event that made it, in the
         # order they were made: what a viewer back from `away` missed.
         self._events = 0
@@ -319,7 +286,7 @@ class Hub:
     # -- the backplane delivers here ----------------------------------------------------------
 
     def apply(self, event: Event) -> bool:
-        """Record an event and fan it out: one frame, put in every mailbox without waiting.
+        """Record an event and fan it out: one frame, offered to every viewer without waiting.
 
         Returns False for what changes nothing, which viewers never see: an update whose `seq`
         this hub has applied already, a presence the table has already.
@@ -347,8 +314,8 @@ class Hub:
         self._events += 1
         self._latest[frame.slot] = (self._events, frame)
         self._latest.move_to_end(frame.slot)
-        for mailbox in self._present:
-            conflated += mailbox.put(frame)
+        for viewer in self._present:
+            conflated += viewer.offer(frame)
         if conflated:
             self.metrics.conflated.inc(conflated)
         return True
@@ -388,47 +355,46 @@ class Hub:
         return Frame(f'{{"type":"snapshot","ts":{self.now_ms()},"tables":[{entries}]}}')
 
     @contextmanager
-    def viewer(self, mailbox: Mailbox | None = None) -> Iterator[Mailbox]:
-        """A mailbox (a new one, or this one) that holds the snapshot, then every update, for as
-        long as the block runs."""
-        if mailbox is None:
-            mailbox = Mailbox(self.viewer_buffer, self.metrics, "viewer")
-        mailbox.put(self.snapshot())
-        self.viewers.add(mailbox)
-        self._present.add(mailbox)
+    def viewer(self, subscriber: Subscriber | None = None) -> Iterator[Subscriber]:
+        """Offer this subscriber (or a new Inbox) the snapshot, then every frame, for as long as
+        the block runs."""
+        if subscriber is None:
+            subscriber = Inbox(self.viewer_buffer, self.metrics, "viewer")
+        subscriber.offer(self.snapshot(), express=False)
+        self.viewers.add(subscriber)
+        self._present.add(subscriber)
         try:
-            yield mailbox
+            yield subscriber
         finally:
-            self.viewers.discard(mailbox)
-            self._present.discard(mailbox)
+            self.viewers.discard(subscriber)
+            self._present.discard(subscriber)
 
     @contextmanager
-    def away(self, mailbox: Mailbox) -> Iterator[None]:
+    def away(self, viewer: Subscriber) -> Iterator[None]:
         """Leave this viewer out of the fan-out while the block runs (its peer is behind).
 
-        Its mailbox would only have had each update replace the previous one of its table: at
-        1,000 viewers, nearly all of them waiting for their peer at any moment, the fan-out's
-        puts were a fifth of the hub's samples, and leaving these out cut its CPU by about a
-        tenth. On its way back it is given, at once, what its mailbox would then hold: the
-        latest frame of each slot that changed meanwhile, in the order they changed. What it
-        skips is counted as conflated as it happens (see apply), as for any viewer. (A no-op
-        for a mailbox that is not a viewer's, or is away already.)
+        Every frame offered to it meanwhile would only replace the previous one of its slot, and
+        at a thousand viewers nearly all of them are behind at any moment: those offers are work
+        for nothing. On its way back it is offered, at once, what it would then hold: the latest
+        frame of each slot that changed meanwhile, in the order they changed. What it skips is
+        counted as conflated as it happens (see apply), as for any viewer. (A no-op for a viewer
+        that is not subscribed, or is away already.)
         """
-        if mailbox not in self._present:
+        if viewer not in self._present:
             yield
             return
-        self._present.discard(mailbox)
+        self._present.discard(viewer)
         mark = self._events
         self._away_marks.append(mark)  # the largest yet: the list stays sorted
         try:
             yield
         finally:
             del self._away_marks[bisect_left(self._away_marks, mark)]
-            if mailbox in self.viewers:
-                self._present.add(mailbox)
-                self._back(mailbox, mark)
+            if viewer in self.viewers:
+                self._present.add(viewer)
+                self._back(viewer, mark)
 
-    def _back(self, mailbox: Mailbox, mark: int) -> None:
+    def _back(self, viewer: Subscriber, mark: int) -> None:
         changed: list[Frame] = []
         for number, frame in reversed(self._latest.values()):
             if number <= mark:
@@ -436,6 +402,6 @@ class Hub:
             changed.append(frame)
         conflated = 0  # frames still waiting from before it left, replaced now
         for frame in reversed(changed):  # to go out together, in one write
-            conflated += mailbox.put(frame, express=False)
+            conflated += viewer.offer(frame, express=False)
         if conflated:
             self.metrics.conflated.inc(conflated)

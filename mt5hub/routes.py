@@ -19,14 +19,15 @@ from quart_trio import QuartTrio
 from .auth import Authenticator, Refusal, bearer_token
 from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config
-from .hardening import install as harden_hypercorn
 from .hub import Backplane, Hub, LocalBackplane, encode
 from .limits import RETRY_AFTER, Limits, LogThrottle, client_ip, raise_open_files_limit
 from .metrics import CONTENT_TYPE
 from .models import Decoder
 from .persist import StateStore
-from .session import PublisherSession, ViewerSession
-from .transport import QuartTransport, TrackConnections
+from .publisher import PublisherSession
+from .server import QuartTransport, TrackConnections
+from .server import install as install_adapter
+from .viewer import ViewerSession
 
 log = logging.getLogger("mt5hub")
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -102,10 +103,6 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             timeout=settings.backplane_timeout,
         )
     hub = Hub(viewer_buffer=settings.viewer_buffer, backplane=backplane)
-    # mt5hub/hardening.py: what hostile clients reach in Hypercorn, fixed (and counted)
-    harden_hypercorn(
-        lambda role, code: hub.metrics.closes.labels(role, str(code)).inc(), config.max_frame_bytes
-    )
     # With a backplane the state lives in Redis: workers sharing one file would fight over it.
     store = (
         StateStore(settings.state_file, interval=settings.state_interval)
@@ -135,6 +132,13 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     async def startup() -> None:
         _setup_logging(settings.log_level)
         check_safe_to_serve(config)  # raising here makes Hypercorn exit with the reason
+        # mt5hub/server: the Hypercorn adapter (fast paths, and the holes hostile clients reach
+        # closed and counted), in place before the first connection is accepted.
+        app.extensions["mt5hub.server"] = install_adapter(
+            lambda role, code: hub.metrics.closes.labels(role, str(code)).inc(),
+            config.max_frame_bytes,
+            settings.asgi_only,
+        )
         wanted = settings.max_viewers + settings.max_publishers + 256  # + files, Redis, slack
         soft, hard = raise_open_files_limit(wanted)
         if soft < wanted:
@@ -173,6 +177,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         return jsonify(
             status="ok" if bp["connected"] else "degraded",
             backplane=bp,
+            server=app.extensions.get("mt5hub.server", "starting"),
             publishers=hub.publishers,
             viewers=len(hub.viewers),
             tables=len(hub.tables),

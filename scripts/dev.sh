@@ -5,7 +5,11 @@
 # Open http://localhost:8000/ . Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ -x .venv/bin/hypercorn ]] || { python3 -m venv .venv && .venv/bin/pip install -q -e .; }
+if [[ ! -x .venv/bin/hypercorn ]]; then  # the tested tree (requirements.lock), then the hub
+  python3 -m venv .venv
+  .venv/bin/pip install -q --require-hashes -r requirements.lock
+  .venv/bin/pip install -q --no-deps -e .
+fi
 bash scripts/make_dev_cert.sh
 .venv/bin/python scripts/fake_dll.py demo --wait &
 feed=$!

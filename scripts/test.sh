@@ -19,7 +19,10 @@ fi
 
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+# Exactly the tree the hub is tested on (requirements.lock, with hashes; see its header to
+# regenerate it), then the hub itself.
+.venv/bin/pip install -q --require-hashes -r requirements.lock
+.venv/bin/pip install -q --no-deps -e .
 
 .venv/bin/ruff check mt5hub scripts tests bench
 .venv/bin/mypy

@@ -83,6 +83,7 @@ class RunningHub:
     ca: trustme.CA
     process: subprocess.Popen[bytes] | None = None
     token: str = TOKEN
+    pythonpath: str = ""  # a folder to put before the checkout on the hub's PYTHONPATH
 
     @property
     def http_url(self) -> str:
@@ -119,7 +120,11 @@ class RunningHub:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hypercorn", "--config", "hub.toml", "mt5hub:app"],
             cwd=self.folder,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "MT5HUB_CONFIG": "hub.toml"},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [self.pythonpath, str(ROOT)])),
+                "MT5HUB_CONFIG": "hub.toml",
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

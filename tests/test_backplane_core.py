@@ -2,7 +2,7 @@
 does with events when Redis goes away, and how its reconnects are spaced.
 
 Redis itself is tested for real in test_backplane_redis.py; here the hub is driven directly and
-viewers are mailboxes that take every frame at once, on trio's MockClock.
+viewers are subscribers that take every frame at once, on trio's MockClock.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mt5hub.backplane import (
     is_outage,
     table_field,
 )
-from mt5hub.hub import Event, Frame, Hub, Mailbox
+from mt5hub.hub import Event, Frame, Hub, Subscriber
 
 T = ("EA1", "EURUSD_PERIOD_H1")
 
@@ -41,20 +41,18 @@ def presence_record(online: bool, table: tuple[str, str], client_id: str) -> byt
     return f"P\n{int(online)}\n{table_field(table)}\n{client_id}\n".encode()
 
 
-class PromptViewer(Mailbox):
-    """A viewer that takes every frame the moment it is put, so none is ever conflated."""
+class PromptViewer:
+    """A viewer that takes every frame the moment it is offered, so none is ever conflated."""
 
     def __init__(self, hub: Hub) -> None:
-        super().__init__(hub.viewer_buffer, hub.metrics, "viewer")
         self.taken: list[dict[str, Any]] = []
-        self.express = self.take
 
-    def take(self, frame: Frame) -> bool:
+    def offer(self, frame: Frame, express: bool = True) -> bool:
         self.taken.append(json.loads(frame.text))
-        return True
+        return False
 
 
-def drain(viewer: Mailbox) -> list[dict[str, Any]]:
+def drain(viewer: Subscriber) -> list[dict[str, Any]]:
     """What the viewer took since the last drain."""
     assert isinstance(viewer, PromptViewer)
     taken, viewer.taken = viewer.taken, []

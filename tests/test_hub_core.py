@@ -7,7 +7,6 @@ the outcome never depends on how busy the machine is.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,20 +21,26 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from mt5hub.config import Settings, TokenGrant
-from mt5hub.hub import Event, Frame, Hub, Mailbox, update_text
+from mt5hub.hub import Event, Frame, Hub, Inbox, Subscriber, update_text
 from mt5hub.metrics import Metrics
 from mt5hub.models import Decoder
-from mt5hub.session import CLOSE_GRACE, PublisherSession, ViewerSession
-from mt5hub.transport import LINK, Link, QuartTransport
+from mt5hub.publisher import PublisherSession
+from mt5hub.server import LINK, Link, QuartTransport
+from mt5hub.session import CLOSE_GRACE, Peer
+from mt5hub.viewer import ViewerSession
 
 
 class MemoryTransport:
-    """A WebSocket made of two memory channels. Like Hypercorn's, `send` cannot be cancelled
-    while the peer is not reading; only `abort` frees it."""
+    """A WebSocket made of a memory channel to the peer; what the peer says goes to the
+    session's `feed` at once, as Hypercorn's side hands it over (mt5hub.server's Link). Like
+    Hypercorn's, `send` cannot be cancelled while the peer is not reading; only `abort` frees
+    it."""
 
     def __init__(self, window: int = 0) -> None:
-        self.to_hub, self._from_peer = trio.open_memory_channel[str | bytes](math.inf)
         self._to_peer, self.from_hub = trio.open_memory_channel[str](window)
+        self._peer: Peer | None = None
+        self._early: list[str | bytes] = []
+        self._gone = trio.Event()
         self.closed_with: tuple[int, str] | None = None
         self.aborted = False
         self.peer_closed = False
@@ -43,17 +48,11 @@ class MemoryTransport:
         self.drained: list[str | bytes] = []
         self.sent_now = 0  # frames written at once, by the publisher's task (send_now)
 
-    async def receive(self) -> str | bytes | None:
-        try:
-            return await self._from_peer.receive()
-        except trio.EndOfChannel:
-            self.peer_closed = True
-            return None
-
-    def deliver_to(
-        self, take: Callable[[str | bytes], None], answered: Callable[[bytes], None]
-    ) -> None:
-        pass  # frames come through receive(), one per turn of the scheduler
+    async def serve(self, peer: Peer) -> None:
+        self._peer = peer
+        for message in self._early:
+            peer.feed(message)
+        await self._gone.wait()
 
     async def send(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
         with trio.CancelScope(shield=True):
@@ -87,15 +86,22 @@ class MemoryTransport:
         await self.server_stops.wait()
 
     async def drain(self) -> None:
-        self.drained = [frame async for frame in self._from_peer]  # until the peer hangs up
-        self.peer_closed = True
+        await self._gone.wait()  # what the peer says meanwhile lands in `drained`
 
     # the peer's side
     async def say(self, obj: Any) -> None:
-        await self.to_hub.send(obj if isinstance(obj, str | bytes) else json.dumps(obj))
+        message = obj if isinstance(obj, str | bytes) else json.dumps(obj)
+        if self.closed_with is not None:
+            self.drained.append(message)
+        elif self._peer is None:
+            self._early.append(message)
+        else:
+            self._peer.feed(message)
+        await trio.lowlevel.checkpoint()
 
     def hang_up(self) -> None:
-        self.to_hub.close()
+        self.peer_closed = True
+        self._gone.set()
 
     async def hear(self) -> dict[str, Any]:
         return json.loads(await self.from_hub.receive())  # type: ignore[no-any-return]
@@ -159,11 +165,14 @@ def frame(table: str, n: int) -> Frame:
     return Frame(f'{{"table":"{table}","n":{n}}}', ("update", table, ""))
 
 
-def _pending(box: Mailbox) -> list[Frame]:
+def _pending(box: Subscriber) -> list[Frame]:
+    assert isinstance(box, Inbox)
     frames = []
-    while (frame := box.get_nowait()) is not None:
-        frames.append(frame)
-    return frames
+    while True:
+        try:
+            frames.append(box.receive.receive_nowait())
+        except trio.WouldBlock:
+            return frames
 
 
 def _apply_all(hub: Hub, events: list[tuple[str, int]]) -> None:
@@ -194,7 +203,7 @@ def test_a_viewer_away_comes_back_to_what_its_mailbox_would_hold(
             _apply_all(hub, meanwhile)
             with hub.away(away):  # away already: nothing changes
                 pass
-            assert len(away) == 0
+            assert len(_pending(away)) == 0
         _apply_all(hub, after)
         held_there, held_away = _pending(there), _pending(away)
     assert {f.slot: f for f in held_there} == {f.slot: f for f in held_away}
@@ -204,79 +213,80 @@ def test_a_viewer_away_comes_back_to_what_its_mailbox_would_hold(
     assert hub.metrics.conflated.value == 2 * conflated  # for each of the two
 
 
-async def test_mailbox_holds_only_the_latest_frame_of_each_table_oldest_table_first(
+async def test_inbox_holds_only_the_latest_frame_of_each_table_oldest_table_first(
     autojump_clock: MockClock,
 ) -> None:
-    box = Mailbox(2, Metrics(), "viewer")
+    box = Inbox(2, Metrics(), "viewer")
     conflated = 0
     for n in range(1, 6):
-        conflated += box.put(frame("A", n))
-        conflated += box.put(frame("B", n))
+        conflated += box.offer(frame("A", n))
+        conflated += box.offer(frame("B", n))
     assert len(box) == 2  # one waiting frame per table, however far behind the reader is
-    got = [json.loads((await box.get()).text) for _ in range(2)]
+    got = [json.loads((await box.receive.receive()).text) for _ in range(2)]
     assert got == [{"table": "A", "n": 5}, {"table": "B", "n": 5}]
     assert conflated == 8  # A1..A4 and B1..B4 never delivered
-    assert box.get_nowait() is None
+    with pytest.raises(trio.WouldBlock):
+        box.receive.receive_nowait()
 
 
-async def test_mailbox_delivers_everything_to_a_reader_that_keeps_up(
+async def test_inbox_delivers_everything_to_a_reader_that_keeps_up(
     autojump_clock: MockClock,
 ) -> None:
-    box = Mailbox(2, Metrics(), "viewer")
+    box = Inbox(2, Metrics(), "viewer")
     got = []
     for n in range(1, 6):
-        assert not box.put(frame("A", n))
-        assert not box.put(frame("B", n))
-        got += [json.loads((await box.get()).text)["n"] for _ in range(2)]
+        assert not box.offer(frame("A", n))
+        assert not box.offer(frame("B", n))
+        got += [json.loads((await box.receive.receive()).text)["n"] for _ in range(2)]
     assert got == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
-async def test_mailbox_never_lets_an_older_frame_overtake_a_newer_one(
+async def test_inbox_never_lets_an_older_frame_overtake_a_newer_one(
     autojump_clock: MockClock,
 ) -> None:
-    box = Mailbox(1, Metrics(), "viewer")
-    box.put(frame("A", 1))
-    box.put(frame("B", 1))
-    box.put(frame("A", 2))  # replaces A1 in its place, ahead of B
-    assert json.loads((await box.get()).text) == {"table": "A", "n": 2}
-    box.put(frame("A", 3))  # A is not waiting any more: it queues behind B
-    assert [json.loads((await box.get()).text) for _ in range(2)] == [
+    box = Inbox(1, Metrics(), "viewer")
+    box.offer(frame("A", 1))
+    box.offer(frame("B", 1))
+    box.offer(frame("A", 2))  # replaces A1 in its place, ahead of B
+    assert json.loads((await box.receive.receive()).text) == {"table": "A", "n": 2}
+    box.offer(frame("A", 3))  # A is not waiting any more: it queues behind B
+    assert [json.loads((await box.receive.receive()).text) for _ in range(2)] == [
         {"table": "B", "n": 1},
         {"table": "A", "n": 3},
     ]
     assert len(box) == 0
 
 
-async def test_mailbox_keeps_frames_without_a_table_in_order_and_bounded(
+async def test_inbox_keeps_frames_without_a_table_in_order_and_bounded(
     autojump_clock: MockClock,
 ) -> None:
     metrics = Metrics()
-    box = Mailbox(2, metrics, "viewer")
-    box.put(Frame('{"type":"snapshot"}'))
-    box.put(frame("A", 1))
-    box.put(Frame('{"type":"ping"}'))
-    box.put(Frame('{"type":"error"}'))  # a third frame without a slot: over the bound
-    box.put(frame("A", 2))
-    texts = [(await box.get()).text for _ in range(3)]
+    box = Inbox(2, metrics, "viewer")
+    box.offer(Frame('{"type":"snapshot"}'))
+    box.offer(frame("A", 1))
+    box.offer(Frame('{"type":"ping"}'))
+    box.offer(Frame('{"type":"error"}'))  # a third frame without a slot: over the bound
+    box.offer(frame("A", 2))
+    texts = [(await box.receive.receive()).text for _ in range(3)]
     assert texts == ['{"type":"snapshot"}', '{"table":"A","n":2}', '{"type":"ping"}']
     assert metrics.dropped.labels("viewer")._value.get() == 1
-    box.put(Frame('{"type":"error"}'))  # room again once the reader took them
-    assert (await box.get()).text == '{"type":"error"}'
+    box.offer(Frame('{"type":"error"}'))  # room again once the reader took them
+    assert (await box.receive.receive()).text == '{"type":"error"}'
 
 
-async def test_mailbox_get_waits_for_a_frame(autojump_clock: MockClock) -> None:
-    box = Mailbox(2, Metrics(), "viewer")
+async def test_inbox_receive_waits_for_a_frame(autojump_clock: MockClock) -> None:
+    box = Inbox(2, Metrics(), "viewer")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: trio.sleep(1))
         got: list[Frame] = []
 
         async def take() -> None:
-            got.append(await box.get())
+            got.append(await box.receive.receive())
 
         nursery.start_soon(take)
         await trio.sleep(0.5)
         assert got == []
-        box.put(frame("A", 1))
+        box.offer(frame("A", 1))
     assert [f.text for f in got] == ['{"table":"A","n":1}']
 
 
@@ -394,12 +404,6 @@ class PingingTransport(MemoryTransport):
     def __init__(self, window: int) -> None:
         super().__init__(window)
         self.pings: list[bytes] = []
-        self._answered: Callable[[bytes], None] | None = None
-
-    def deliver_to(
-        self, take: Callable[[str | bytes], None], answered: Callable[[bytes], None]
-    ) -> None:
-        self._answered = answered
 
     async def send(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
         await super().send(frames)
@@ -416,9 +420,9 @@ class PingingTransport(MemoryTransport):
         return True
 
     def pong(self) -> None:
-        assert self._answered is not None
+        assert self._peer is not None
         for ping in self.pings:
-            self._answered(ping)
+            self._peer.pong(ping)
         self.pings.clear()
 
 
@@ -486,7 +490,7 @@ async def test_viewer_lag_is_0_to_inf_seconds_inf_is_no_flow_control_its_interva
             load_config(tmp_path / "hub.toml", environ={})
     (tmp_path / "hub.toml").write_text("[mt5hub]\nviewer_lag = inf\n")
     settings = load_config(tmp_path / "hub.toml", environ={}).settings
-    assert ViewerSession(Hub(), MemoryTransport(), settings, "viewer").lag is None
+    assert ViewerSession(Hub(), MemoryTransport(), settings, "viewer").flow.lag is None
 
 
 async def test_an_idle_viewer_is_written_to_by_the_publishers_task_a_busy_one_by_its_own(
@@ -698,7 +702,7 @@ def test_update_text_splices_the_publish_and_drops_fields_the_hub_owns() -> None
 
 
 async def test_without_a_direct_socket_frames_go_through_asgi_one_message_each() -> None:
-    """HTTP/2 WebSockets (or a Hypercorn whose internals moved) use plain ASGI sends."""
+    """With the adapter off (asgi_only), frames go through plain ASGI sends."""
     sent: list[dict[str, Any]] = []
 
     async def asgi_send(message: dict[str, Any]) -> None:

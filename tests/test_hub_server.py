@@ -418,8 +418,8 @@ def test_a_lone_pong_is_read_without_the_parser_only_between_frames() -> None:
 
     from wsproto.connection import Connection
 
-    from mt5hub.hardening import _lone_pong
-    from mt5hub.transport import LINK
+    from mt5hub.server import LINK
+    from mt5hub.server._hardening import _lone_pong
 
     client = Connection(CLIENT)  # both ends past the handshake: frames only
     answer = client.send(Ping(b"\x00" * 7 + b"\x05").response())

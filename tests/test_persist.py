@@ -26,7 +26,7 @@ from trio.testing import MockClock
 
 from mt5hub import persist
 from mt5hub.config import Settings, load_config
-from mt5hub.hub import Hub, SavedTable
+from mt5hub.hub import Hub, Inbox, SavedTable
 from mt5hub.models import Head
 from mt5hub.persist import StateStore
 
@@ -127,11 +127,12 @@ async def test_saved_tables_come_back_offline_with_their_seq_which_a_returning_p
     assert new["EA1", "S1"]["data"] == table_rows(value=4)
     assert after.changes == 0  # restoring is not a change: nothing to write back
 
-    with after.viewer() as mailbox:
-        assert json.loads((await mailbox.get()).text)["type"] == "snapshot"
+    with after.viewer() as inbox:
+        assert isinstance(inbox, Inbox)
+        assert json.loads((await inbox.receive.receive()).text)["type"] == "snapshot"
         publish(after, key="EA1", value=5)
-        presence = json.loads((await mailbox.get()).text)
-        update = json.loads((await mailbox.get()).text)
+        presence = json.loads((await inbox.receive.receive()).text)
+        update = json.loads((await inbox.receive.receive()).text)
     assert (presence["type"], presence["key"], presence["online"]) == ("presence", "EA1", True)
     assert (update["type"], update["key"], update["seq"]) == ("update", "EA1", 5)
     assert after.changes == 1

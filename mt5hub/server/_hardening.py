@@ -1,4 +1,4 @@
-"""Holes in Hypercorn (0.17, 0.18) that hostile clients reach, closed for the hub's connections.
+"""Holes in Hypercorn (0.18) that hostile clients reach, closed for the hub's connections.
 
 0. After an HTTP response, Hypercorn either closes the connection (`Connection: close`) or
    restarts its idle timer (keep_alive_timeout), from the app's task, which Quart-Trio cancels
@@ -24,23 +24,23 @@
    wsproto inflated each read of the socket whole, before any size check. 64 MiB of one byte
    deflate to 64 KiB: one frame cost the hub 190 MiB.
 
-`install()` lets no cancellation stop a connection's close or its idle timer (0), wraps
-`WSStream.handle` (1, 2) and replaces `WSStream._handle_events` with Hypercorn's own but for 3
-and 4: early bytes get a 400 before anything else can answer, and the connection ends; a refused
-handshake's connection ends; after a 1009 the rest of the message is read and dropped (memory
-stays at the limit) and the connection ends when the peer answers the close, or CLOSE_GRACE
-later; a frame wsproto refuses is answered with its close code; a compressed message is
-inflated at most `max_message` bytes at a time (5). 1, 3, 4 and 5 are a log line each.
-The same handler also hands each whole message, and each pong, to the connection's
-`mt5hub.transport.Link` at once, instead of through Hypercorn's and Quart's queues (one message
-per turn of the scheduler each): see `Session.take` and `Session.answered`. A read that is
-exactly one answer to the hub's own ping skips wsproto's parser (`_lone_pong`).
-Like `transport`, this relies on Hypercorn's internals (pinned in pyproject.toml);
-tests/test_hostile.py shows each on real sockets.
+`install()` (called by mt5hub.server.install when the app starts serving) lets no cancellation stop
+a connection's close or its idle timer (0), wraps `WSStream.handle` (1, 2) and replaces
+`WSStream._handle_events` with Hypercorn's own but for 3 and 4: early bytes get a 400 before
+anything else can answer, and the connection ends; a refused handshake's connection ends; after a
+1009 the rest of the message is read and dropped (memory stays at the limit) and the connection
+ends when the peer answers the close, or CLOSE_GRACE later; a frame wsproto refuses is answered
+with its close code; a compressed message is inflated at most `max_message` bytes at a time (5). 1,
+3, 4 and 5 are a log line each. The same handler also hands each whole message, and each pong, to
+the connection's Link (`Link.feed`, `Link.pong`) at once, instead of through Hypercorn's and
+Quart's queues (one message per turn of the scheduler each). A read that is exactly one answer to
+the hub's own ping skips wsproto's parser (`_lone_pong`). Like `_transport`, this relies on
+Hypercorn's internals (pinned in pyproject.toml); tests/test_hostile.py shows each on real sockets.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import zlib
 from collections.abc import Callable
@@ -57,7 +57,7 @@ from wsproto.events import CloseConnection, Message, Ping, Pong
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 
-from .transport import LINK
+from ._transport import LINK
 
 log = logging.getLogger("mt5hub")
 
@@ -68,10 +68,37 @@ _on_close: Callable[[str, int], None] | None = None  # counts closes by (role, c
 _max_inflated = 1024 * 1024  # bytes one inflation may produce: the message limit
 
 
-def install(
-    on_close: Callable[[str, int], None] | None = None, max_message: int = 1024 * 1024
-) -> bool:
-    """Patch Hypercorn (once); False, and one error line, if its internals changed.
+def missing() -> list[str]:
+    """The internals of Hypercorn and wsproto this module needs and cannot find (none: [])."""
+    stream: Any = getattr(ws_stream, "WSStream", None)
+    server: Any = getattr(tcp_server, "TCPServer", None)
+    wanted = {
+        "hypercorn TCPServer.protocol_send": hasattr(server, "protocol_send"),
+        "hypercorn TCPServer.send_lock/stream": "send_lock" in _init_names(server),
+        "hypercorn WSStream.handle": hasattr(stream, "handle"),
+        "hypercorn WSStream._handle_events": hasattr(stream, "_handle_events"),
+        "hypercorn WSStream._send_wsproto_event": hasattr(stream, "_send_wsproto_event"),
+        "hypercorn WSStream._send_error_response": hasattr(stream, "_send_error_response"),
+        "hypercorn ws_stream.FrameTooLargeError": hasattr(ws_stream, "FrameTooLargeError"),
+        "hypercorn ws_stream.ASGIWebsocketState": hasattr(ws_stream, "ASGIWebsocketState"),
+        "wsproto PerMessageDeflate.frame_inbound_payload_data": hasattr(
+            PerMessageDeflate, "frame_inbound_payload_data"
+        ),
+        "wsproto Connection._proto._frame_decoder": _has_frame_decoder(),
+    }
+    return [name for name, found in wanted.items() if not found]
+
+
+def _init_names(cls: Any) -> str:
+    """The source of `cls.__init__` (attributes set there are not on the class)."""
+    try:
+        return inspect.getsource(cls.__init__)
+    except (TypeError, OSError):
+        return ""
+
+
+def install(on_close: Callable[[str, int], None], max_message: int) -> None:
+    """Patch Hypercorn (once per process; `missing()` must be empty).
 
     `on_close(role, code)` is told of every connection closed here, for the metrics;
     `max_message` is websocket_max_message_size, the most one inflation may produce.
@@ -79,29 +106,16 @@ def install(
     global _on_close, _max_inflated
     _on_close = on_close
     _max_inflated = max_message
-    stream: Any = getattr(ws_stream, "WSStream", None)
-    server: Any = getattr(tcp_server, "TCPServer", None)
+    stream: Any = ws_stream.WSStream
+    server: Any = tcp_server.TCPServer
     if getattr(stream, "_mt5hub_guarded", False):
-        return True
-    if not (
-        hasattr(server, "protocol_send")
-        and hasattr(stream, "handle")
-        and hasattr(stream, "_handle_events")
-        and hasattr(stream, "_send_wsproto_event")
-        and hasattr(stream, "_send_error_response")
-        and hasattr(ws_stream, "FrameTooLargeError")
-        and hasattr(ws_stream, "ASGIWebsocketState")
-        and hasattr(PerMessageDeflate, "frame_inbound_payload_data")
-        and _has_frame_decoder()
-    ):
-        log.error("cannot guard connections: Hypercorn's internals changed")
-        return False
+        return
     server.protocol_send = _shield_all_but_data(server.protocol_send)
     original_handle = stream.handle
 
     async def handle(self: Any, event: Any) -> None:
         if type(event) is Data and (payload := _lone_pong(self, event.data)) is not None:
-            self.scope[LINK].answered(payload)
+            self.scope[LINK].pong(payload)
             return
         if isinstance(event, Body | Data) and not self.closed and not self.handshake.accepted:
             await _early_data(self)
@@ -114,7 +128,6 @@ def install(
     stream._handle_events = _handle_events
     PerMessageDeflate.frame_inbound_payload_data = _bounded_inflate  # type: ignore[method-assign]
     stream._mt5hub_guarded = True
-    return True
 
 
 def _lone_pong(stream: Any, data: bytes) -> bytes | None:
@@ -203,15 +216,15 @@ async def _handle_events(self: Any) -> None:
                 link = self.scope.get(LINK)
                 if link is None:
                     await self.app_put(message)
-                else:  # straight to the session (see mt5hub.transport.Link.take)
+                else:  # straight to the session (see mt5hub.server._transport.Link.feed)
                     text = message.get("text")
-                    link.take(text if text is not None else message.get("bytes") or b"")
+                    link.feed(text if text is not None else message.get("bytes") or b"")
         elif isinstance(event, Ping):
             await self._send_wsproto_event(event.response())
         elif isinstance(event, Pong):
             link = self.scope.get(LINK)
             if link is not None:  # the viewer has read everything up to the ping it answers
-                link.answered(bytes(event.payload))
+                link.pong(bytes(event.payload))
         elif isinstance(event, CloseConnection):
             if self.connection.state == ConnectionState.REMOTE_CLOSING:
                 await self._send_wsproto_event(event.response())

@@ -15,8 +15,9 @@ where deflate was negotiated, the payload compressed on its own (a message that 
 earlier one is valid whether or not the peer expects context takeover). So each update's frame is
 made once (`wire`) and a viewer's pending frames go out in one `send_all`, under the TCPServer's
 own send lock so that nothing interleaves with Hypercorn's control frames. HTTP/2 uses ASGI.
-A write may end with a WebSocket ping (flow control, see `Session._write`); the pongs, like the
-peer's messages, come back through the Link (`answered`, `take`), called by mt5hub.hardening.
+A write may end with a WebSocket ping (flow control, see mt5hub.flow); the pongs, like the
+peer's messages, come back through the Link (`Link.pong`, `Link.feed`), called by
+mt5hub.server._hardening as Hypercorn reads them.
 
 The walk depends on Hypercorn's internals (pinned in pyproject.toml). Real sockets prove both
 paths: tests/test_hub_server.py the direct one (its clients offer no compression, like the DLL),
@@ -27,7 +28,6 @@ permessage-deflate).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -41,12 +41,29 @@ from quart import Websocket
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
-from .hub import Frame
-from .metrics import Metrics
+from ..hub import Frame
+from ..metrics import Metrics
+from ..session import Peer
+
+try:
+    import fcntl  # Linux (and other Unixes): the kernel's unsent bytes, for send_room
+except ImportError:  # Windows: no writes at once from a publisher's task, the writer does them
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("mt5hub")
 
 LINK = "mt5hub.link"  # key of the Link in the ASGI scope
+
+
+class _Adapter:
+    """Whether mt5hub.server.install put the adapter in place: then messages come through each
+    connection's Link and frames go to its socket directly; otherwise ASGI alone."""
+
+    direct = False
+
+
+def direct() -> bool:
+    return _Adapter.direct
 EARLY_FRAMES = 64  # frames kept for a session that has not started yet; more are dropped
 
 
@@ -87,33 +104,41 @@ def wire(frame: Frame, deflate_bits: int | None = None) -> bytes:
 
 
 class Link:
-    """What the middleware learned about one websocket connection."""
+    """What the adapter knows about one websocket connection, and where its messages go.
+
+    mt5hub.server._hardening calls `feed` with each message and `pong` with each pong's payload
+    as Hypercorn reads them; they go to the session `attach`ed (kept until then, so that none
+    overtakes another).
+    """
 
     def __init__(self, send: Callable[..., Awaitable[None]], raw_ok: bool) -> None:
         self.asgi_send = send
         self.peer_closed = False
         self.disconnected = trio.Event()  # set with peer_closed, by the middleware
-        self._raw_ok = raw_ok  # HTTP/1.1: frames may be written straight to the socket
+        self.direct = raw_ok  # messages come through `feed`, frames go to the socket
+        self._raw_ok = raw_ok
         self._server: Any = None
         self.deflate_bits: int | None = None  # permessage-deflate's window, if negotiated
-        # Where mt5hub.hardening hands each message as Hypercorn reads it: kept here until the
-        # session says where they go (deliver_to), so that none overtakes another.
-        self.take: Callable[[str | bytes], None] = self._keep
+        self._peer: Peer | None = None
         self._early: list[str | bytes] = []
-        self.answered: Callable[[bytes], None] = _ignore  # pongs, as mt5hub.hardening reads them
         self._unsent_limit: int | None = None  # TCP_NOTSENT_LOWAT (see send_room)
 
-    def _keep(self, frame: str | bytes) -> None:
-        if len(self._early) < EARLY_FRAMES:
-            self._early.append(frame)
-
-    def deliver_to(
-        self, take: Callable[[str | bytes], None], answered: Callable[[bytes], None]
-    ) -> None:
+    def attach(self, peer: Peer) -> None:
+        """From now on `peer` gets every message and pong; what came before, first."""
         early, self._early = self._early, []
-        for frame in early:
-            take(frame)
-        self.take, self.answered = take, answered
+        self._peer = peer
+        for message in early:
+            peer.feed(message)
+
+    def feed(self, message: str | bytes) -> None:
+        if self._peer is not None:
+            self._peer.feed(message)
+        elif len(self._early) < EARLY_FRAMES:
+            self._early.append(message)
+
+    def pong(self, payload: bytes) -> None:
+        if self._peer is not None:
+            self._peer.pong(payload)
 
     def raw_server(self) -> Any:
         """Hypercorn's TCPServer of this connection, if frames may be written to it directly."""
@@ -122,6 +147,8 @@ class Link:
             self._raw_ok = self._server is not None and hasattr(self._server, "send_lock")
             if self._raw_ok:
                 self._raw_ok, self.deflate_bits = _negotiated_deflate(self.asgi_send)
+            if not self._raw_ok:  # install() checked for these: never silently slow
+                log.error("a connection's socket was not found: frames go through ASGI")
         return self._server if self._raw_ok else None
 
     async def server_stopping(self) -> None:
@@ -149,6 +176,8 @@ class Link:
         kernel's overhead too, which with a peer whose window is small is most of it: half of
         what is free leaves room for the overhead of what is written now.
         """
+        if fcntl is None:
+            return 0
         try:
             if self._unsent_limit is None:
                 limit = sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT)
@@ -184,10 +213,6 @@ class Link:
             pass  # already closed
         sock.close()  # trio wakes any task blocked on this socket with ClosedResourceError
         return True
-
-
-def _ignore(payload: bytes) -> None:
-    pass
 
 
 def _find_tcp_server(send: Any) -> Any:
@@ -227,7 +252,7 @@ class TrackConnections:
         if scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
-        link = scope[LINK] = Link(send, scope.get("http_version") == "1.1")
+        link = scope[LINK] = Link(send, direct() and scope.get("http_version") == "1.1")
 
         async def tracked_receive() -> dict[str, Any]:
             message: dict[str, Any] = await receive()
@@ -243,7 +268,8 @@ def _tls_ready(stream: trio.SSLStream[Any]) -> bool:
     """Whether records may be made and written for this TLS stream here and now, bypassing
     SSLStream.send_all: its handshake is over, it is sound, and nothing of it is in flight (no
     task sending through it, no bytes made and not yet written). trio runs nothing else between
-    this check and a write that does not wait."""
+    this check and a write that does not wait. (trio's private attributes: pinned, and tested
+    in tests/test_server_adapter.py.)"""
     return (
         stream._state.name == "OK"
         and stream._handshook.done
@@ -311,17 +337,16 @@ class QuartTransport:
     def peer_closed(self) -> bool:
         return self._link.peer_closed
 
-    def deliver_to(
-        self, take: Callable[[str | bytes], None], answered: Callable[[bytes], None]
-    ) -> None:
-        self._link.deliver_to(take, answered)
-
-    async def receive(self) -> str | bytes | None:
-        # When the peer leaves, quart-trio cancels the handler instead of returning. It returns
-        # None only for an empty binary message (it passes on `bytes or text`): a binary frame,
-        # not a close (the session took it for one and ended with 1000, silently).
-        message = await self._ws.receive()
-        return b"" if message is None else message
+    async def serve(self, peer: Peer) -> None:
+        """Messages and pongs to `peer` as Hypercorn reads them (through the Link), until the
+        peer leaves; with the adapter off (ASGI alone), messages one at a time from Quart."""
+        if not self._link.direct:
+            while True:  # ends when Quart cancels the handler: the peer left
+                message = await self._ws.receive()
+                # quart-trio returns None only for an empty binary message: not a close.
+                peer.feed(b"" if message is None else message)
+        self._link.attach(peer)
+        await self._link.disconnected.wait()
 
     def _encode(self, frames: Sequence[Frame], ping: bytes | None) -> bytes:
         bits = self._link.deflate_bits

@@ -1,0 +1,121 @@
+"""A publisher's connection (an EA's DLL on /ws/dll): its frames are publishes or heartbeats.
+
+It hears only error frames, pongs to its application pings, and the hub's own application pings
+when it is quiet: never a WebSocket protocol ping, which WinHTTP breaks on while it sends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import trio
+
+from .config import Settings, TokenGrant
+from .errors import Flooding, FrameTooLarge, ProtocolError, Superseded
+from .hub import Frame, Hub, Inbox, encode
+from .models import Decoder, parse_json
+from .session import Session, Transport
+
+PUBLISHER_OUTBOX = 64  # error frames and pings waiting to be sent; past that they are dropped
+
+
+class RateLimiter:
+    """A token bucket per connection, plus how long the peer has been over it without pause.
+
+    Frames over the bucket are dropped. A peer that stays over the limit (rejections less than a
+    second apart) for `flood_seconds` is flooding and gets disconnected.
+    """
+
+    def __init__(self, rate: float, burst: int, flood_seconds: float) -> None:
+        self.rate, self.burst, self.flood_seconds = rate, burst, flood_seconds
+        self._tokens = float(burst)
+        self._updated = trio.current_time()
+        self._streak_start = -math.inf
+        self._last_reject = -math.inf
+        self._last_notice = -math.inf
+
+    def allow(self) -> bool:
+        """True if this frame is within the limit; raises Flooding after a sustained flood."""
+        now = trio.current_time()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        if now - self._last_reject > 1.0:
+            self._streak_start = now
+        self._last_reject = now
+        if now - self._streak_start >= self.flood_seconds:
+            raise Flooding(f"over {self.rate:g} frames/s for {self.flood_seconds:g} s")
+        return False
+
+    def notice_due(self) -> bool:
+        """Whether to tell the peer about a dropped frame: at most once a second, not per frame."""
+        now = trio.current_time()
+        if now - self._last_notice >= 1.0:
+            self._last_notice = now
+            return True
+        return False
+
+
+class PublisherSession(Session):
+    """A DLL: each frame it sends is a publish, a ping, or a pong."""
+
+    role = "publisher"
+
+    def __init__(
+        self,
+        hub: Hub,
+        transport: Transport,
+        settings: Settings,
+        peer: str,
+        grant: TokenGrant,
+        decoder: Decoder,
+        max_frame_bytes: int,
+    ) -> None:
+        super().__init__(hub, transport, settings, peer, settings.publisher_timeout)
+        self.outbox = Inbox(PUBLISHER_OUTBOX, hub.metrics, self.role)
+        self.grant = grant
+        self.decoder = decoder
+        self.max_frame_bytes = max_frame_bytes
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst, settings.flood_seconds)
+
+    async def run(self) -> None:
+        self.hub.publishers += 1
+        try:
+            await super().run()
+        finally:
+            self.hub.publishers -= 1
+
+    def ended(self) -> None:
+        self.hub.publisher_gone(self)
+
+    def superseded(self, client_id: str) -> None:
+        self.fail(Superseded(f"clientId {client_id!r} connected again"))
+
+    def handle(self, message: str | bytes) -> None:
+        if len(message) > self.max_frame_bytes:  # Hypercorn enforces it first; this is for tests
+            raise FrameTooLarge(f"{len(message)} bytes")
+        if not self.limiter.allow():
+            if self.limiter.notice_due():
+                raise ProtocolError("rate_limited", f"over {self.settings.rate_limit:g} frames/s")
+            self.hub.metrics.rejects.labels("rate_limited").inc()
+            return
+        obj = parse_json(message)
+        assert isinstance(message, str)  # parse_json refuses binary frames
+        if not isinstance(obj, dict):
+            raise ProtocolError("bad_json", "expected a JSON object")
+        kind = obj.get("type", "publish")
+        if kind == "publish":
+            self._publish(obj, message)
+        elif kind == "ping":
+            self.outbox.offer(Frame(encode({"type": "pong", "ts": self.hub.now_ms()})))
+        elif kind != "pong":
+            raise ProtocolError("unknown_type", f"$.type: unknown message type {str(kind)[:40]!r}")
+
+    def _publish(self, obj: dict[str, Any], text: str) -> None:
+        head = self.decoder.accept(obj)
+        if not self.grant.allows(head.key):
+            raise ProtocolError("forbidden_key", f"$.key: this token may not publish {head.key!r}")
+        self.hub.publish(self, head, obj, text)
