@@ -15,7 +15,7 @@ import time
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 import attrs
@@ -211,14 +211,7 @@ class Hub:
         self.metrics = metrics or Metrics()
         self.viewer_buffer = viewer_buffer
         self.tables: dict[TableId, TableState] = {}
-        self.viewers: set[Subscriber] = set()
-        # Viewers that are offered every event as it is applied: all but those `away`.
-        self._present: set[Subscriber] = set()
-        # The latest frame of each slot, with the number of the event that made it, in the
-        # order they were made: what a viewer back from `away` missed.
-        self._events = 0
-        self._latest: OrderedDict[object, tuple[int, Frame]] = OrderedDict()
-        self._away_marks: list[int] = []  # for each viewer away, the last event before it left
+        self.fanout = Fanout(self.metrics)
         self.publishers = 0
         self.backplane: Backplane = backplane or LocalBackplane()
         self._wall_clock = wall_clock
@@ -308,16 +301,7 @@ class Hub:
             frame = Frame(event.text, ("presence", *event.table))
         if event.client_id:
             state.client_id = event.client_id
-        # Viewers away that missed the previous frame of this slot will never see it now.
-        previous = self._latest.get(frame.slot)
-        conflated = bisect_left(self._away_marks, previous[0]) if previous is not None else 0
-        self._events += 1
-        self._latest[frame.slot] = (self._events, frame)
-        self._latest.move_to_end(frame.slot)
-        for viewer in self._present:
-            conflated += viewer.offer(frame)
-        if conflated:
-            self.metrics.conflated.inc(conflated)
+        self.fanout.deliver(frame)
         return True
 
     # -- surviving a restart ------------------------------------------------------------------
@@ -354,6 +338,10 @@ class Hub:
         entries = ",".join(s.snapshot_entry() for s in self.tables.values() if s.update)
         return Frame(f'{{"type":"snapshot","ts":{self.now_ms()},"tables":[{entries}]}}')
 
+    @property
+    def viewers(self) -> set[Subscriber]:
+        return self.fanout.viewers
+
     @contextmanager
     def viewer(self, subscriber: Subscriber | None = None) -> Iterator[Subscriber]:
         """Offer this subscriber (or a new Inbox) the snapshot, then every frame, for as long as
@@ -361,30 +349,71 @@ class Hub:
         if subscriber is None:
             subscriber = Inbox(self.viewer_buffer, self.metrics, "viewer")
         subscriber.offer(self.snapshot(), express=False)
-        self.viewers.add(subscriber)
-        self._present.add(subscriber)
-        try:
+        with self.fanout.subscribed(subscriber):
             yield subscriber
+
+    def away(self, viewer: Subscriber) -> AbstractContextManager[None]:
+        """See Fanout.away."""
+        return self.fanout.away(viewer)
+
+
+class Fanout:
+    """Every frame the hub applies, offered to every viewer, without waiting.
+
+    Viewers whose peer is behind step `away` meanwhile: every frame offered to them would only
+    replace the previous one of its slot, and at a thousand viewers nearly all of them are
+    behind at any moment, so those offers are work for nothing. On their way back they are
+    offered what they missed: the latest frame of each slot that changed meanwhile.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.viewers: set[Subscriber] = set()
+        # Viewers that are offered every frame as it is applied: all but those `away`.
+        self._present: set[Subscriber] = set()
+        # The latest frame of each slot, with the number of the frame, in the order they were
+        # made: what a viewer back from `away` missed.
+        self._count = 0
+        self._latest: OrderedDict[object, tuple[int, Frame]] = OrderedDict()
+        self._away_marks: list[int] = []  # for each viewer away, the last frame before it left
+
+    def deliver(self, frame: Frame) -> None:
+        """Offer this frame to every viewer present; count what it conflated, there and away."""
+        # Viewers away that missed the previous frame of this slot will never see it now.
+        previous = self._latest.get(frame.slot)
+        conflated = bisect_left(self._away_marks, previous[0]) if previous is not None else 0
+        self._count += 1
+        self._latest[frame.slot] = (self._count, frame)
+        self._latest.move_to_end(frame.slot)
+        for viewer in self._present:
+            conflated += viewer.offer(frame)
+        if conflated:
+            self.metrics.conflated.inc(conflated)
+
+    @contextmanager
+    def subscribed(self, viewer: Subscriber) -> Iterator[None]:
+        self.viewers.add(viewer)
+        self._present.add(viewer)
+        try:
+            yield
         finally:
-            self.viewers.discard(subscriber)
-            self._present.discard(subscriber)
+            self.viewers.discard(viewer)
+            self._present.discard(viewer)
 
     @contextmanager
     def away(self, viewer: Subscriber) -> Iterator[None]:
         """Leave this viewer out of the fan-out while the block runs (its peer is behind).
 
-        Every frame offered to it meanwhile would only replace the previous one of its slot, and
-        at a thousand viewers nearly all of them are behind at any moment: those offers are work
-        for nothing. On its way back it is offered, at once, what it would then hold: the latest
-        frame of each slot that changed meanwhile, in the order they changed. What it skips is
-        counted as conflated as it happens (see apply), as for any viewer. (A no-op for a viewer
-        that is not subscribed, or is away already.)
+        On its way back it is offered, at once, what it would then hold: the latest frame of
+        each slot that changed meanwhile, in the order they changed. What it skips is counted as
+        conflated as it happens (see deliver), as for any viewer. (A no-op for a viewer that is
+        not subscribed, or is away already.)
         """
         if viewer not in self._present:
             yield
             return
         self._present.discard(viewer)
-        mark = self._events
+        mark = self._count
         self._away_marks.append(mark)  # the largest yet: the list stays sorted
         try:
             yield

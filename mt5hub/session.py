@@ -14,20 +14,19 @@ Subclasses: mt5hub.publisher.PublisherSession, mt5hub.viewer.ViewerSession.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Protocol
 
 import trio
 
 from .config import Settings
-from .errors import HeartbeatTimeout, HubError, ProtocolError, ShuttingDown, TooSlow
+from .errors import HubError, ProtocolError, ShuttingDown, TooSlow
 from .hub import Frame, Hub, Inbox, encode
 from .limits import LogThrottle
+from .watchdog import CLOSE_GRACE, Watchdog
 
 log = logging.getLogger("mt5hub")
 
-CLOSE_GRACE = 1.0  # seconds to get a close frame out before giving up on a peer
 REFUSAL_LOG_INTERVAL = 10.0  # a connection's refused frames: one log line per this, at most
 # Closes are one line each, but per (code, address) at most one per 10 s: 5,000 sockets that
 # never read, dropped together, are a few lines that say how many, not 5,000.
@@ -115,7 +114,7 @@ class Session:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._serve)
                     nursery.start_soon(self.write)
-                    nursery.start_soon(self._watch)
+                    nursery.start_soon(Watchdog(self).run)
                     nursery.start_soon(self._until_stopping)
         except BaseException as exc:
             # Cancelled from outside: the server is stopping (when the peer leaves, the framework
@@ -242,22 +241,20 @@ class Session:
         await self.transport.stopping()
         self.fail(ShuttingDown())
 
-    async def _watch(self) -> None:
-        """Ping a quiet peer, drop a silent one, and drop one whose socket stopped taking data.
+    @property
+    def ping_interval(self) -> float:
+        return self.settings.ping_interval
 
-        Pings go through the outbox, so a peer that does not read cannot block this task. When
-        the session is cancelled while the writer is stuck in a send that cannot be cancelled,
-        the watchdog gives it CLOSE_GRACE and then aborts the socket, so that the session's
-        nursery can always exit.
-        """
-        try:
-            await self._watch_loop()
-        finally:
-            if self.sending_since is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
-                    await self._sent.wait()
-                if not self._sent.is_set():
-                    self.transport.abort()
+    def abort(self) -> None:
+        self.transport.abort()
+
+    async def write_done(self) -> None:
+        """Until the write in progress (if any) has returned."""
+        await self._sent.wait()
+
+    def ping(self) -> None:
+        """An application ping (`{"type":"ping"}`), through the outbox like any frame."""
+        self.outbox.offer(Frame(encode({"type": "ping", "ts": self.hub.now_ms()})))
 
     def stuck(self, now: float) -> TooSlow | None:
         """Why the peer counts as no longer reading, if it does: a write that has not ended
@@ -271,22 +268,3 @@ class Session:
         """When `stuck` may next say something new (a send may start meanwhile: look again)."""
         since = self.sending_since
         return (now if since is None else since) + self.settings.slow_viewer_timeout
-
-    async def _watch_loop(self) -> None:
-        pinged_at = -math.inf
-        interval = self.settings.ping_interval
-        while True:
-            now = trio.current_time()
-            quiet = now - self.last_seen
-            if quiet >= self.timeout:
-                self.fail(HeartbeatTimeout(f"no frame for {quiet:.0f} s"))
-                return
-            if quiet >= interval and now - pinged_at >= interval:
-                self.outbox.offer(Frame(encode({"type": "ping", "ts": self.hub.now_ms()})))
-                pinged_at = now
-            if (slow := self.stuck(now)) is not None:
-                self.fail(slow)
-                return
-            wake = [self.last_seen + self.timeout, max(self.last_seen, pinged_at) + interval]
-            wake.append(self.next_stuck_check(now))
-            await trio.sleep_until(min(wake))
