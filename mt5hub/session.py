@@ -129,8 +129,9 @@ class Session:
         finally:
             metrics.connections.labels(self.role).dec()
             self.ended()
-            with trio.CancelScope(shield=True):
-                await self._close()
+            if self.error is not None:  # else the peer closed: nothing to say
+                with trio.CancelScope(shield=True):
+                    await _close(self, self.error)
 
     def fail(self, error: HubError) -> None:
         """End the session for this reason (the first reason wins)."""
@@ -209,32 +210,6 @@ class Session:
 
     # -- ending ---------------------------------------------------------------------------------
 
-    async def _close(self) -> None:
-        error = self.error
-        if error is None:
-            return  # the peer closed: nothing to say
-        self.hub.metrics.closes.labels(self.role, str(error.close_code)).inc()
-        if not isinstance(error, ShuttingDown):
-            _CLOSE_LINES.warning(
-                str(error.close_code), self.peer, "%s %s closed %s (%s): %s",
-                self.role, self.peer, error.close_code, error.reason, error,
-            )  # fmt: skip
-        if isinstance(error, TooSlow):
-            return  # aborted already (see fail)
-        with trio.move_on_after(CLOSE_GRACE) as scope:
-            try:
-                await self.transport.close(error.close_code, error.reason)
-                if not isinstance(error, ShuttingDown):  # (the server ends those itself)
-                    # Frames the peer sent meanwhile must still be read, even a flood's: left
-                    # unread they fill Hypercorn's queue for this connection, its reader waits
-                    # on it forever, the peer's answer never gets in and the socket is never
-                    # released. A peer that does not answer within CLOSE_GRACE is cut off.
-                    await self.transport.drain()
-            except Exception:  # the peer may be gone already; nothing left to tell it
-                pass
-        if scope.cancelled_caught:
-            self.transport.abort()
-
     async def _until_stopping(self) -> None:
         """Say 1001 as soon as the server starts to stop (Hypercorn would otherwise wait out
         `graceful_timeout` for connections that never end by themselves)."""
@@ -268,3 +243,29 @@ class Session:
         """When `stuck` may next say something new (a send may start meanwhile: look again)."""
         since = self.sending_since
         return (now if since is None else since) + self.settings.slow_viewer_timeout
+
+
+async def _close(session: Session, error: HubError) -> None:
+    """Count and log why the session ends (one line), then tell the peer with its close code."""
+    session.hub.metrics.closes.labels(session.role, str(error.close_code)).inc()
+    if not isinstance(error, ShuttingDown):
+        _CLOSE_LINES.warning(
+            str(error.close_code), session.peer, "%s %s closed %s (%s): %s",
+            session.role, session.peer, error.close_code, error.reason, error,
+        )  # fmt: skip
+    if isinstance(error, TooSlow):
+        return  # aborted already (see Session.fail)
+    transport = session.transport
+    with trio.move_on_after(CLOSE_GRACE) as scope:
+        try:
+            await transport.close(error.close_code, error.reason)
+            if not isinstance(error, ShuttingDown):  # (the server ends those itself)
+                # Frames the peer sent meanwhile must still be read, even a flood's: left unread
+                # they fill Hypercorn's queue for this connection, its reader waits on it
+                # forever, the peer's answer never gets in and the socket is never released. A
+                # peer that does not answer within CLOSE_GRACE is cut off.
+                await transport.drain()
+        except Exception:  # the peer may be gone already; nothing left to tell it
+            pass
+    if scope.cancelled_caught:
+        transport.abort()

@@ -23,7 +23,7 @@ from mt5hub.backplane import (
     RedisBackplane,
     _redact,
     is_outage,
-    table_field,
+    records,
 )
 from mt5hub.hub import Event, Frame, Hub, Subscriber
 
@@ -31,14 +31,11 @@ T = ("EA1", "EURUSD_PERIOD_H1")
 
 
 def update_record(seq: int, origin: str, table: tuple[str, str], text: str) -> bytes:
-    """What the Lua scripts PUBLISH for an update (see backplane._RECORDS)."""
-    body = text.encode()
-    head = f"U\n{seq}\n{time.time()}\n{origin}\n{table_field(table)}\n{len(body)}\n"
-    return head.encode() + body
+    """What the Lua scripts PUBLISH for an update (mt5hub/backplane/records.py)."""
+    return records.update_record(seq, time.time(), origin, table, text)
 
 
-def presence_record(online: bool, table: tuple[str, str], client_id: str) -> bytes:
-    return f"P\n{int(online)}\n{table_field(table)}\n{client_id}\n".encode()
+presence_record = records.presence_record
 
 
 class PromptViewer:
@@ -102,7 +99,7 @@ async def test_a_burst_while_connected_is_queued_in_order_without_merging() -> N
     _up(bp)
     for n in range(100):
         bp.publish(hub, update(None, n))
-    assert [json.loads(e.text)["v"] for e in bp._pending] == list(range(100))
+    assert [json.loads(e.text)["v"] for e in bp.outbound.unsent()] == list(range(100))
     assert hub.metrics.backplane_conflated._value.get() == 0
 
 
@@ -114,9 +111,10 @@ async def test_past_the_pending_limit_a_table_keeps_only_its_newest_update() -> 
         bp.publish(hub, update(None, n, table=other if n == 0 else T))
     bp.publish(hub, update(None, -1))  # replaces T's last pending update, in its place
     bp.publish(hub, update(None, -2, table=other))  # replaces other's
-    assert len(bp._pending) == PENDING_LIMIT
-    assert json.loads(bp._pending[0].text)["v"] == -2
-    assert json.loads(bp._pending[-1].text)["v"] == -1
+    pending = bp.outbound.unsent()
+    assert len(pending) == PENDING_LIMIT
+    assert json.loads(pending[0].text)["v"] == -2
+    assert json.loads(pending[-1].text)["v"] == -1
     assert hub.metrics.backplane_conflated._value.get() == 2
 
 
@@ -126,7 +124,7 @@ async def test_when_redis_goes_away_unsent_and_unconfirmed_events_reach_local_vi
     with hub.viewer(PromptViewer(hub)) as mailbox:
         drain(mailbox)
         _up(bp)
-        bp._inflight = {1: update(None, 1), 2: update(None, 2)}  # written, 1 came back already
+        bp.outbound.inflight = {1: update(None, 1), 2: update(None, 2)}  # written, 1 came back
         bp.deliver(hub, update_record(1, f"{bp.worker}#1", T, update(None, 1).text))
         bp.publish(hub, hub.presence_event(T, "EA1_1", online=True))
         bp.publish(hub, update(None, 3))
@@ -138,7 +136,7 @@ async def test_when_redis_goes_away_unsent_and_unconfirmed_events_reach_local_vi
             ("presence", None, None),
             ("update", 3, 3),
         ]
-        assert not bp._pending and not bp._inflight
+        assert not bp.outbound.unsent()
         assert bp.status()["connected"] is False
         bp.publish(hub, update(None, 4))  # alone now: straight to the viewers
         assert drain(mailbox)[0]["v"] == 4
@@ -220,6 +218,6 @@ async def test_a_backlog_for_redis_goes_out_in_bounded_calls_in_order(
             return Script()
 
     with trio.move_on_after(1):  # the writer waits for more once the backlog is out
-        await bp._write(hub, Client())  # type: ignore[arg-type]
+        await bp.outbound.run(hub, Client())  # type: ignore[arg-type]
     assert [len(c) for c in calls] == [BATCH_LIMIT, 11]
     assert calls[1][-1] == "C"  # the presence stays after the updates it followed

@@ -317,3 +317,47 @@ def test_several_workers_without_a_backplane_refuse_to_start_and_say_why(
         hub_factory(workers=2)
     assert "refusing to start: workers = 2" in str(failed.value)
     assert "backplane" in str(failed.value)
+
+
+# -- the record format: one definition, Lua and Python held to it ------------------------------
+
+
+async def test_every_lua_script_compiles_in_redis(redis_server: RunningRedis) -> None:
+    import attrs
+    import coredis
+
+    from mt5hub.backplane import scripts
+
+    async with coredis.Redis.from_url(redis_server.url) as client:
+        lua = scripts.load()
+        for field in attrs.fields(scripts.Scripts):
+            sha = await client.script_load(getattr(lua, field.name))
+            assert len(sha) == 40, field.name
+
+
+async def test_records_written_by_lua_read_back_as_python_writes_them(
+    redis_server: RunningRedis,
+) -> None:
+    import coredis
+
+    from mt5hub.backplane import records, scripts
+
+    table = ("EA1 «ünï»", "EURUSD_PERIOD_H1")
+    text = '{"type":"update","note":"naïve → 日本","n":1}'  # counted in bytes, not characters
+    field = records.table_field(table)
+    probe = (
+        scripts.library("records")
+        + "return update_record(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
+        + " .. presence_record(ARGV[6], ARGV[4], ARGV[7])"
+    )
+    async with coredis.Redis.from_url(redis_server.url) as client:
+        written: Any = await client.eval(
+            probe, keys=[], args=["42", "1700000000.25", "hub#7", field, text, "0", "EA1_9"]
+        )
+    expected = records.update_record(42, "1700000000.25", "hub#7", table, text)
+    expected += records.presence_record(False, table, "EA1_9")
+    assert written == expected
+    assert list(records.parse_records(written)) == [
+        records.UpdateRecord(42, 1700000000.25, "hub#7", table, text),
+        records.PresenceRecord(False, table, "EA1_9"),
+    ]
