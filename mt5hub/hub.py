@@ -30,6 +30,10 @@ log = logging.getLogger("mt5hub")
 
 TableId = tuple[str, str]  # (key, src)
 RESERVED = frozenset({"type", "seq", "ts", "online"})  # set by the hub, never by a publisher
+# A snapshot at least this large is handed to new viewers again for up to SNAPSHOT_REUSE seconds
+# after the state changed, with the frames that changed since; a smaller one is made anew.
+SNAPSHOT_REUSE_BYTES = 64 * 1024
+SNAPSHOT_REUSE = 0.5
 
 
 def encode(obj: Any) -> str:
@@ -212,6 +216,7 @@ class Hub:
         self.viewer_buffer = viewer_buffer
         self.tables: dict[TableId, TableState] = {}
         self.fanout = Fanout(self.metrics)
+        self._snapshot: tuple[Frame, int, float] | None = None  # frame, fan-out count, made at
         self.publishers = 0
         self.backplane: Backplane = backplane or LocalBackplane()
         self._wall_clock = wall_clock
@@ -330,13 +335,31 @@ class Hub:
             state.client_id = entry.client_id
             state.update = Frame(entry.text, ("update", *entry.table))
             restored += 1
+        self._snapshot = None
         return restored
 
     # -- viewers ----------------------------------------------------------------------------
 
-    def snapshot(self) -> Frame:
+    def snapshot(self) -> tuple[Frame, int]:
+        """Every table's latest state in one frame, and the fan-out's count it reflects.
+
+        Made once per change and shared by every viewer (its WebSocket frame, plain or
+        compressed, is made once too: see mt5hub.server.wire). A large one is shared for
+        SNAPSHOT_REUSE after a change as well: the viewer then gets what changed since with it
+        (`Fanout.subscribed`), so that a crowd of viewers connecting while tables change costs
+        a few snapshots, not one each.
+        """
+        count, now = self.fanout.count, time.monotonic()
+        if self._snapshot is not None:
+            frame, made_at_count, made_at = self._snapshot
+            if made_at_count == count or (
+                len(frame.text) >= SNAPSHOT_REUSE_BYTES and now - made_at < SNAPSHOT_REUSE
+            ):
+                return frame, made_at_count
         entries = ",".join(s.snapshot_entry() for s in self.tables.values() if s.update)
-        return Frame(f'{{"type":"snapshot","ts":{self.now_ms()},"tables":[{entries}]}}')
+        frame = Frame(f'{{"type":"snapshot","ts":{self.now_ms()},"tables":[{entries}]}}')
+        self._snapshot = (frame, count, now)
+        return frame, count
 
     @property
     def viewers(self) -> set[Subscriber]:
@@ -348,8 +371,9 @@ class Hub:
         the block runs."""
         if subscriber is None:
             subscriber = Inbox(self.viewer_buffer, self.metrics, "viewer")
-        subscriber.offer(self.snapshot(), express=False)
-        with self.fanout.subscribed(subscriber):
+        snapshot, count = self.snapshot()
+        subscriber.offer(snapshot, express=False)
+        with self.fanout.subscribed(subscriber, since=count):
             yield subscriber
 
     def away(self, viewer: Subscriber) -> AbstractContextManager[None]:
@@ -373,7 +397,7 @@ class Fanout:
         self._present: set[Subscriber] = set()
         # The latest frame of each slot, with the number of the frame, in the order they were
         # made: what a viewer back from `away` missed.
-        self._count = 0
+        self.count = 0  # frames delivered so far
         self._latest: OrderedDict[object, tuple[int, Frame]] = OrderedDict()
         self._away_marks: list[int] = []  # for each viewer away, the last frame before it left
 
@@ -382,8 +406,8 @@ class Fanout:
         # Viewers away that missed the previous frame of this slot will never see it now.
         previous = self._latest.get(frame.slot)
         conflated = bisect_left(self._away_marks, previous[0]) if previous is not None else 0
-        self._count += 1
-        self._latest[frame.slot] = (self._count, frame)
+        self.count += 1
+        self._latest[frame.slot] = (self.count, frame)
         self._latest.move_to_end(frame.slot)
         for viewer in self._present:
             conflated += viewer.offer(frame)
@@ -391,9 +415,13 @@ class Fanout:
             self.metrics.conflated.inc(conflated)
 
     @contextmanager
-    def subscribed(self, viewer: Subscriber) -> Iterator[None]:
+    def subscribed(self, viewer: Subscriber, since: int) -> Iterator[None]:
+        """Offer this viewer every frame while the block runs; first, those that changed after
+        frame number `since` (what its snapshot holds), latest of each slot."""
         self.viewers.add(viewer)
         self._present.add(viewer)
+        if since < self.count:
+            self._back(viewer, since)
         try:
             yield
         finally:
@@ -413,7 +441,7 @@ class Fanout:
             yield
             return
         self._present.discard(viewer)
-        mark = self._count
+        mark = self.count
         self._away_marks.append(mark)  # the largest yet: the list stays sorted
         try:
             yield

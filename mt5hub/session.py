@@ -48,6 +48,10 @@ class Transport(Protocol):
     def peer_closed(self) -> bool:
         """True once the peer has closed the connection."""
 
+    @property
+    def progress_at(self) -> float:
+        """When the socket last took part of a write (trio's clock)."""
+
     async def serve(self, peer: Peer) -> None:
         """Hand each message the peer sends to `peer.feed`, and the payload of each pong to
         `peer.pong`, as they are read (those that came before, first); return once the peer
@@ -231,18 +235,23 @@ class Session:
         """An application ping (`{"type":"ping"}`), through the outbox like any frame."""
         self.outbox.offer(Frame(encode({"type": "ping", "ts": self.hub.now_ms()})))
 
-    def stuck(self, now: float) -> TooSlow | None:
-        """Why the peer counts as no longer reading, if it does: a write that has not ended
-        within slow_viewer_timeout."""
+    def _progress(self) -> float | None:
+        """Since when the write in progress (if any) has made no progress."""
         since = self.sending_since
-        if since is not None and now - since >= self.settings.slow_viewer_timeout:
-            return TooSlow(f"socket took nothing for {now - since:.0f} s")
+        return None if since is None else max(since, self.transport.progress_at)
+
+    def stuck(self, now: float) -> TooSlow | None:
+        """Why the peer counts as no longer reading, if it does: a write of which the socket
+        took nothing for slow_viewer_timeout (a large write read slowly is not stuck)."""
+        idle = self._progress()
+        if idle is not None and now - idle >= self.settings.slow_viewer_timeout:
+            return TooSlow(f"socket took nothing for {now - idle:.0f} s")
         return None
 
     def next_stuck_check(self, now: float) -> float:
         """When `stuck` may next say something new (a send may start meanwhile: look again)."""
-        since = self.sending_since
-        return (now if since is None else since) + self.settings.slow_viewer_timeout
+        idle = self._progress()
+        return (now if idle is None else idle) + self.settings.slow_viewer_timeout
 
 
 async def _close(session: Session, error: HubError) -> None:

@@ -47,6 +47,7 @@ class MemoryTransport:
         self.server_stops = trio.Event()
         self.drained: list[str | bytes] = []
         self.sent_now = 0  # frames written at once, by the publisher's task (send_now)
+        self.progress_at = trio.current_time()  # when the peer last took a frame
 
     async def serve(self, peer: Peer) -> None:
         self._peer = peer
@@ -59,6 +60,7 @@ class MemoryTransport:
             try:
                 for frame in frames:
                     await self._to_peer.send(frame.text)
+                    self.progress_at = trio.current_time()
             except trio.ClosedResourceError:
                 pass  # aborted under us: the frames are lost, as on a reset socket
         return False  # no pings: flow control is tested on real sockets

@@ -119,8 +119,8 @@ async def test_saved_tables_come_back_offline_with_their_seq_which_a_returning_p
 
     after = Hub(wall_clock=lambda: 2000.0)
     assert after.restore(StateStore(tmp_path / "state.json").load()) == 2
-    old = {(t["key"], t["src"]): t for t in json.loads(before.snapshot().text)["tables"]}
-    new = {(t["key"], t["src"]): t for t in json.loads(after.snapshot().text)["tables"]}
+    old = {(t["key"], t["src"]): t for t in json.loads(before.snapshot()[0].text)["tables"]}
+    new = {(t["key"], t["src"]): t for t in json.loads(after.snapshot()[0].text)["tables"]}
     # Exactly what viewers had before (data, seq, clientId, ts, extra fields), but offline.
     assert new == {table: {**entry, "online": False} for table, entry in old.items()}
     assert (new["EA1", "S1"]["seq"], new["EA2", "S2"]["seq"]) == (4, 3)
@@ -148,7 +148,7 @@ async def test_a_table_the_hub_already_has_is_not_replaced_by_a_restored_one(
     hub.publisher_gone(CONNECTION)
     publish(hub, value=3)
     assert hub.restore(old.saved_tables()) == 0
-    [entry] = json.loads(hub.snapshot().text)["tables"]
+    [entry] = json.loads(hub.snapshot()[0].text)["tables"]
     assert (entry["seq"], entry["online"], entry["data"]) == (2, True, table_rows(value=3))
 
 

@@ -33,7 +33,7 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import trio
@@ -280,42 +280,70 @@ def _tls_ready(stream: trio.SSLStream[Any]) -> bool:
     )
 
 
-def _encrypt(stream: trio.SSLStream[Any], data: bytes) -> bytes:
+def _encrypt(stream: trio.SSLStream[Any], data: bytes | memoryview) -> bytes:
     """The TLS records for `data` (memory BIOs take all of it at once)."""
     stream._ssl_object.write(data)
     records: bytes = stream._outgoing.read()
     return records
 
 
-async def _write_all(stream: trio.SocketStream | trio.SSLStream[Any], data: bytes) -> None:
-    """send_all, but a write the socket buffer takes whole costs one syscall and no more.
+WRITE_CHUNK = 256 * 1024  # a write goes out this much at a time: progress is seen, memory bounded
+JOIN_BELOW = 64 * 1024  # frames of a write smaller than this in all go in one buffer (one syscall)
 
-    Most fan-out writes fit in the buffer; trio's SocketStream path (conflict detector, error
-    translation, socket wrapper, a trip through the scheduler) and SSLStream's (its retry loop
-    around the same) cost more than the write. Skipping the schedule point is safe here: the
-    writer's next `get` waits whenever its mailbox is empty, and a batch empties it. Over TLS
-    the records are made here, holding the stream's own send lock until they are all out, so
-    that nothing it sends by itself (a TLS alert, say) can come between them.
+
+async def _write_all(
+    stream: trio.SocketStream | trio.SSLStream[Any],
+    pieces: Sequence[bytes],
+    progress: Callable[[], None],
+) -> None:
+    """Write these buffers in order, WRITE_CHUNK at a time, calling `progress` after each chunk
+    the socket took: a large write (a snapshot) is judged by its progress, never copied whole
+    (over TLS, its records are made one chunk at a time).
+
+    A chunk the socket buffer takes whole costs one syscall and no more: trio's SocketStream
+    path (conflict detector, error translation, a trip through the scheduler) and SSLStream's
+    (its retry loop around the same) cost more than the write. Skipping the schedule point is
+    safe here: the writer's next receive waits whenever its outbox is empty, and a batch empties
+    it. Over TLS the records are made here, holding the stream's own send lock until they are
+    all out, so that nothing it sends by itself (a TLS alert, say) can come between them.
     """
-    if isinstance(stream, trio.SSLStream):
-        if not _tls_ready(stream):
-            await stream.send_all(data)
-            return
-        lock = stream._inner_send_lock
-        lock.acquire_nowait()  # free: _tls_ready
-        try:
-            try:
-                records = _encrypt(stream, data)
-            except ssl.SSLError as exc:  # e.g. a renegotiation asked for: not for us
-                raise trio.BrokenResourceError from exc
-            await _write_socket(stream.transport_stream, records)
-        finally:
-            lock.release()
+    if not isinstance(stream, trio.SSLStream):
+        for piece in pieces:
+            for chunk in _chunks(piece):
+                await _write_socket(stream, chunk)
+                progress()
         return
-    await _write_socket(stream, data)
+    if not _tls_ready(stream):
+        for piece in pieces:
+            for chunk in _chunks(piece):
+                await stream.send_all(chunk)
+                progress()
+        return
+    lock = stream._inner_send_lock
+    lock.acquire_nowait()  # free: _tls_ready
+    try:
+        for piece in pieces:
+            for chunk in _chunks(piece):
+                try:
+                    records = _encrypt(stream, chunk)
+                except ssl.SSLError as exc:  # e.g. a renegotiation asked for: not for us
+                    raise trio.BrokenResourceError from exc
+                await _write_socket(stream.transport_stream, records)
+                progress()
+    finally:
+        lock.release()
 
 
-async def _write_socket(stream: trio.SocketStream, data: bytes) -> None:
+def _chunks(piece: bytes) -> Iterator[bytes | memoryview]:
+    if len(piece) <= WRITE_CHUNK:
+        yield piece
+        return
+    view = memoryview(piece)
+    for start in range(0, len(piece), WRITE_CHUNK):
+        yield view[start : start + WRITE_CHUNK]
+
+
+async def _write_socket(stream: trio.SocketStream, data: bytes | memoryview) -> None:
     sent = 0
     try:
         sent = os.write(stream.socket.fileno(), data)  # the socket is non-blocking
@@ -332,6 +360,10 @@ class QuartTransport:
         self._ws = websocket
         self._link: Link = websocket.scope[LINK]  # type: ignore[literal-required]
         self._compressions = metrics.compressions
+        self.progress_at = trio.current_time()  # when the socket last took part of a write
+
+    def _progressed(self) -> None:
+        self.progress_at = trio.current_time()
 
     @property
     def peer_closed(self) -> bool:
@@ -348,15 +380,19 @@ class QuartTransport:
         self._link.attach(peer)
         await self._link.disconnected.wait()
 
-    def _encode(self, frames: Sequence[Frame], ping: bytes | None) -> bytes:
+    def _encode(self, frames: Sequence[Frame], ping: bytes | None) -> list[bytes]:
+        """The WebSocket frames to write, each made once for all viewers (and the ping): in
+        one buffer if they are small, else as they are (never a copy of a snapshot)."""
         bits = self._link.deflate_bits
         if bits is not None:  # count what this viewer is the first to need compressed
             fresh = [f for f in frames if f.deflated is None or bits not in f.deflated]
             self._compressions.inc(len(fresh))
-        data = b"".join(wire(frame, bits) for frame in frames)
+        pieces = [wire(frame, bits) for frame in frames]
         if ping is not None:
-            data += _FRAMER.ping(ping)
-        return data
+            pieces.append(bytes(_FRAMER.ping(ping)))
+        if len(pieces) > 1 and sum(len(p) for p in pieces) < JOIN_BELOW:
+            return [b"".join(pieces)]
+        return pieces
 
     async def send(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
         server = self._link.raw_server()
@@ -366,7 +402,7 @@ class QuartTransport:
             for frame in frames:
                 await self._link.asgi_send({"type": "websocket.send", "text": frame.text})
             return False
-        data = self._encode(frames, ping)
+        pieces = self._encode(frames, ping)
         lock = server.send_lock
         try:
             lock.acquire_nowait()
@@ -376,7 +412,7 @@ class QuartTransport:
             # Shielded like Hypercorn's own writes: half a frame would corrupt the stream.
             # A stuck send is ended by abort(), which closes the socket under it.
             with trio.CancelScope(shield=True):
-                await _write_all(server.stream, data)
+                await _write_all(server.stream, pieces, self._progressed)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
         finally:
@@ -399,7 +435,10 @@ class QuartTransport:
         stream = server.stream
         tls = isinstance(stream, trio.SSLStream)
         sock = stream.transport_stream.socket if tls else stream.socket
-        data = self._encode(frames, ping)
+        pieces = self._encode(frames, ping)
+        if len(pieces) != 1:
+            return False  # large: for the writer, a chunk at a time
+        data = pieces[0]
         # TLS adds a header, a tag and a content type to each record of at most 16 KiB.
         room = self._link.send_room(sock) - (_TLS_RECORD_OVERHEAD * (len(data) // 16384 + 1))
         if len(data) > room:
