@@ -36,13 +36,10 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,56 +48,38 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import bench_backplane as bb  # noqa: E402  (scripts/ is not a package)
 
+from mt5hub.testing.launcher import (  # noqa: E402
+    free_port,
+    hub_env,
+    hypercorn_command,
+    spawn,
+    stop_group,
+    wait_ready,
+)
+
 SERVERS = ("baseline", "mt5hub")
 LOAD_SLACK = 60.0  # fake_dll's own bounds, then this much, before it is killed
 
 
-def wait_for_http(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Until the server answers HTTP at all (the baseline has no /healthz: a 404 will do)."""
-    deadline = time.monotonic() + bb.STARTUP_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2.0):
-                return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing answered on port {port}; see {log}") from None
-            time.sleep(0.2)
-
-
 def start_server(server: str, port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    for var in ("MT5HUB_CONFIG", "MT5HUB_TOKENS", "MT5HUB_BACKPLANE", "MT5HUB_VIEWER_TOKENS"):
-        env.pop(var, None)  # the generated hub.toml is the whole configuration
-    env["MT5_TOKEN"] = bb.TOKEN
+    env = hub_env(MT5_TOKEN=bb.TOKEN)
     bindir = Path(sys.executable).parent
     if server == "baseline":  # plain uvicorn: its defaults (websockets, permessage-deflate)
         command = [str(bindir / "uvicorn"), "bench.seed_fastapi:app"]
         command += ["--host", "127.0.0.1", "--port", str(port)]
         cwd = REPO
     else:
-        (workdir / "hub.toml").write_text(
-            bb.HUB_TOML.format(name="mt5hub", workers=1, port=port, backplane="", token=bb.TOKEN)
-        )
-        command = [str(bindir / "hypercorn"), "--config", "hub.toml", "mt5hub:app"]
+        (workdir / "hub.toml").write_text(bb.bench_hub_toml("mt5hub", 1, port, ""))
+        command = hypercorn_command()
         cwd = workdir
-    with open(workdir / "server.log", "wb") as log:  # the child keeps its own copy of the fd
-        return subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+    return spawn(command, cwd=cwd, env=env, log=workdir / "server.log")
 
 
 def run_one(
     server: str, viewers: int, stalled: int, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
     """One server, one load: start it, measure it, stop it."""
-    port = bb.free_port()
+    port = free_port()
     log = workdir / "server.log"
     load_args = argparse.Namespace(**vars(args))
     load_args.viewers, load_args.stalled = viewers, stalled
@@ -110,20 +89,17 @@ def run_one(
     sampler: bb.Sampler | None = None
     try:
         proc = start_server(server, port, workdir)
-        if server == "baseline":
-            wait_for_http(proc, port, log)
-        else:
-            bb.wait_for_hub(proc, port, 1, log)
+        # the baseline has no /healthz: any answer (a 404) will do
+        wait_ready(proc, port, timeout=bb.STARTUP_TIMEOUT, log=log, any_answer=server == "baseline")
         time.sleep(1.0)  # let it settle
         rss_before, cpu_before = bb.tree_rss(proc.pid), bb.tree_cpu(proc.pid)
         sampler = bb.Sampler(proc.pid, port)  # peak RSS (its /healthz polls fail quietly here)
         sampler.start()
         reaped_before, (busy_before, _) = bb.children_cpu(), bb.system_busy()
         started = time.monotonic()
-        load = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-        )  # fmt: skip
+        load = spawn(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         limit = bb.CONNECT_TIME + args.warmup + args.seconds + LOAD_SLACK
         try:
             out, err = load.communicate(timeout=limit)
@@ -159,8 +135,8 @@ def run_one(
         if sampler is not None:
             sampler.halt.set()
         if load is not None and load.poll() is None:
-            bb.stop_group(load, "fake_dll")
-        bb.stop_group(proc, server)
+            stop_group(load, "fake_dll")
+        stop_group(proc, server)
 
 
 # -- the report ---------------------------------------------------------------------------------
