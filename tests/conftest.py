@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-publisher-token"
 EA1_ONLY_TOKEN = "token-for-ea1-only"
 IN_CI = os.environ.get("CI") == "true"
+MT5HUB = Path(sys.executable).with_name("mt5hub")  # the console script: token, check-config, ...
 
 
 pong_unless_closing()  # the hub pings viewers while they close: python-trio/trio-websocket#184
