@@ -2,7 +2,8 @@
 
 `hub_factory(**settings)` writes a hub.toml with those `[mt5hub]` settings into a temporary folder,
 with a certificate from a trustme CA, and starts `hypercorn --config hub.toml mt5hub:app`, exactly
-as the README does. Tests then talk to it over real sockets.
+as the README does (through `mt5hub.testing.launcher`, which the scripts and benches use too).
+Tests then talk to it over real sockets.
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ def require_tool(path: str, why: str) -> str:
 
 
 # Keys of hub_factory(**settings) that are Hypercorn's (top level of hub.toml), not [mt5hub]'s.
-HYPERCORN_KEYS = ("keep_alive_timeout", "ssl_handshake_timeout", "backlog", "read_timeout")
+HYPERCORN_KEYS = (
+    "keep_alive_timeout",
+    "ssl_handshake_timeout",
+    "backlog",
+    "read_timeout",
+    "accesslog",
+)
 
 
 class RunningHub(HubProcess):
@@ -129,6 +136,13 @@ def write_hub_files(
     (folder / "hub.toml").write_text(hub_toml(top, settings, tokens))
 
 
+def new_hub(folder: Path, ca: trustme.CA, settings: dict[str, Any]) -> RunningHub:
+    """A hub with these settings in `folder`, on free ports; not started yet."""
+    hub = RunningHub(folder, free_port(), free_port(), ca)
+    write_hub_files(folder, ca, hub.http_port, hub.https_port, settings)
+    return hub
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -141,9 +155,7 @@ def hub_factory(
     hubs: list[RunningHub] = []
 
     def make(**settings: Any) -> RunningHub:
-        folder = tmp_path_factory.mktemp("hub")
-        hub = RunningHub(folder, free_port(), free_port(), ca)
-        write_hub_files(folder, ca, hub.http_port, hub.https_port, settings)
+        hub = new_hub(tmp_path_factory.mktemp("hub"), ca, settings)
         hubs.append(hub)
         hub.start()
         return hub
@@ -219,3 +231,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRe
         yield server
     finally:
         server.stop()
+
+
+# The hostile-input tests' hubs (tests/hostile.py); imported here so that pytest finds them.
+from hostile import make_hub, shared_hub  # noqa: E402, F401
