@@ -5,7 +5,7 @@
 # Open http://localhost:8000/ . Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ -x .venv/bin/hypercorn ]] || { python3 -m venv .venv && .venv/bin/pip install -q -e .; }
+[[ -x .venv/bin/hypercorn && -x .venv/bin/mt5hub ]] || { python3 -m venv .venv && .venv/bin/pip install -q -e .; }
 bash scripts/make_dev_cert.sh
 .venv/bin/python scripts/fake_dll.py demo --wait &
 feed=$!
