@@ -24,10 +24,10 @@ meanwhile besides the load generator: a busy neighbour shows there).
 
 The table ends each (viewers, stalled) group with a ratio row: mt5hub/baseline for updates
 delivered and deliveries/s, baseline/mt5hub for latency, freshness and RSS after: above 1, mt5hub
-is better. The process helpers (ports, process groups, /proc sampling, log grep) come from
-scripts/bench_backplane.py. Loopback only, bounded: fake_dll bounds its clients and time, every
-subprocess has a timeout, and each server is stopped (SIGTERM, then SIGKILL of its process group)
-after its run, on an error, and on Ctrl-C.
+is better. Ports, process groups and the wait for /healthz come from mt5hub.testing.launcher;
+/proc sampling and the log grep from scripts/bench_backplane.py. Loopback only, bounded: fake_dll
+bounds its clients and time, every subprocess has a timeout, and each server is stopped (SIGTERM,
+then SIGKILL of its process group) after its run, on an error, and on Ctrl-C.
 """
 
 from __future__ import annotations
