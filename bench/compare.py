@@ -31,10 +31,10 @@ column divides the server's CPU seconds by the updates it delivered.
 
 The table ends each (viewers, stalled) group with a ratio row: mt5hub/baseline for updates
 delivered and deliveries/s, baseline/mt5hub for latency, freshness and RSS after: above 1, mt5hub
-is better. The process helpers (ports, process groups, /proc sampling, log grep) come from
-scripts/bench_backplane.py. Loopback only, bounded: fake_dll bounds its clients and time, every
-subprocess has a timeout, and each server is stopped (SIGTERM, then SIGKILL of its process group)
-after its run, on an error, and on Ctrl-C.
+is better. Ports, process groups and the wait for /healthz come from mt5hub.testing.launcher;
+/proc sampling and the log grep from scripts/bench_backplane.py. Loopback only, bounded: fake_dll
+bounds its clients and time, every subprocess has a timeout, and each server is stopped (SIGTERM,
+then SIGKILL of its process group) after its run, on an error, and on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import ssl
 import subprocess
 import sys
@@ -59,15 +58,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import bench_backplane as bb  # noqa: E402  (scripts/ is not a package)
 
+from mt5hub.testing.launcher import (  # noqa: E402
+    free_port,
+    hub_env,
+    hypercorn_command,
+    spawn,
+    stop_group,
+    wait_ready,
+)
+
 SERVERS = ("baseline", "mt5hub")
 LOAD_SLACK = 60.0  # fake_dll's own bounds, then this much, before it is killed
 
 
-def wait_for_http(proc: subprocess.Popen[bytes], port: int, log: Path, tls: bool = False) -> None:
-    """Until the server answers HTTP at all (the baseline has no /healthz: a 404 will do)."""
+def wait_for_https(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Until the baseline over TLS answers HTTPS at all (it has no /healthz: a 404 will do)."""
     deadline = time.monotonic() + bb.STARTUP_TIMEOUT
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/healthz"
-    context = ssl._create_unverified_context() if tls else None  # only: is it up yet?
+    url = f"https://127.0.0.1:{port}/healthz"
+    context = ssl._create_unverified_context()  # only: is it up yet?
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
@@ -107,11 +115,7 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     """The server on `port`; with `health_port`, over TLS on `port` (hub.crt in `workdir`) and,
     for mt5hub, plain HTTP on `health_port` for the launcher's /healthz."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    for var in ("MT5HUB_CONFIG", "MT5HUB_TOKENS", "MT5HUB_BACKPLANE", "MT5HUB_VIEWER_TOKENS"):
-        env.pop(var, None)  # the generated hub.toml is the whole configuration
-    env["MT5_TOKEN"] = bb.TOKEN
+    env = hub_env(MT5_TOKEN=bb.TOKEN)
     bindir = Path(sys.executable).parent
     if server == "baseline":  # plain uvicorn: its defaults (websockets, permessage-deflate)
         command = [str(bindir / "uvicorn"), "bench.seed_fastapi:app"]
@@ -121,32 +125,28 @@ def start_server(
             command += ["--ssl-keyfile", str(workdir / "hub.key")]
         cwd = REPO
     else:
-        toml = bb.HUB_TOML.format(name="mt5hub", workers=1, port=port, backplane="", token=bb.TOKEN)
+        toml = bb.bench_hub_toml("mt5hub", 1, port, "")
         if health_port is not None:
             head, _, rest = toml.partition("[mt5hub]")
             toml = head + TLS_LINES.format(health_port=health_port) + "\n[mt5hub]" + rest
         (workdir / "hub.toml").write_text(toml)
-        command = [str(bindir / "hypercorn"), "--config", "hub.toml", "mt5hub:app"]
+        command = hypercorn_command()
         cwd = workdir
-    with open(workdir / "server.log", "wb") as log:  # the child keeps its own copy of the fd
-        return subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+    return spawn(command, cwd=cwd, env=env, log=workdir / "server.log")
 
 
 def run_one(
     server: str, scheme: str, viewers: int, stalled: int, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
     """One server, one load: start it, measure it, stop it."""
-    port = bb.free_port()
+    port = free_port()
     log = workdir / "server.log"
     load_args = argparse.Namespace(**vars(args))
     load_args.viewers, load_args.stalled = viewers, stalled
     command = bb.load_command(load_args, port) + (["--deflate"] if args.deflate else [])
     health_port = None
     if scheme == "wss":
-        health_port = bb.free_port() if server == "mt5hub" else None
+        health_port = free_port() if server == "mt5hub" else None
         command[command.index(f"ws://127.0.0.1:{port}")] = f"wss://127.0.0.1:{port}"
         command += ["--ca", str(write_certificate(workdir))]
     proc: subprocess.Popen[bytes] | None = None
@@ -156,10 +156,13 @@ def run_one(
         proc = start_server(
             server, port, workdir, health_port or (port if scheme == "wss" else None)
         )
-        if server == "baseline":
-            wait_for_http(proc, port, log, tls=scheme == "wss")
-        else:
-            bb.wait_for_hub(proc, health_port or port, 1, log)
+        if server == "baseline" and scheme == "wss":
+            wait_for_https(proc, port, log)
+        else:  # the baseline has no /healthz: any answer (a 404) will do
+            wait_ready(
+                proc, health_port or port, timeout=bb.STARTUP_TIMEOUT, log=log,
+                any_answer=server == "baseline",
+            )  # fmt: skip
         time.sleep(1.0)  # let it settle
         rss_before, cpu_before = bb.tree_rss(proc.pid), bb.tree_cpu(proc.pid)
         sampler = bb.Sampler(
@@ -168,10 +171,7 @@ def run_one(
         sampler.start()
         reaped_before, (busy_before, _) = bb.children_cpu(), bb.system_busy()
         started = time.monotonic()
-        load = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-        )  # fmt: skip
+        load = spawn(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         limit = bb.CONNECT_TIME + args.warmup + args.seconds + LOAD_SLACK
         try:
             out, err = load.communicate(timeout=limit)
@@ -208,8 +208,8 @@ def run_one(
         if sampler is not None:
             sampler.halt.set()
         if load is not None and load.poll() is None:
-            bb.stop_group(load, "fake_dll")
-        bb.stop_group(proc, server)
+            stop_group(load, "fake_dll")
+        stop_group(proc, server)
 
 
 # -- the report ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 def token_digest(token: str) -> bytes:
     """What the hub keeps of a token: its SHA-256.
 
-    Tokens are random (scripts/new_token.py draws 256 bits), so a fast hash is enough: nobody can
+    Tokens are random (`mt5hub token new` draws 256 bits), so a fast hash is enough: nobody can
     search that space, and a slow password hash would let anyone burn the hub's CPU with bad
     handshakes.
     """
@@ -47,7 +47,7 @@ def configured_digest(value: str) -> bytes:
 
 def hash_problem(value: str) -> str | None:
     if value.startswith(HASHED) and not _HEX_DIGEST.fullmatch(value[len(HASHED) :]):
-        return "expected sha256: and 64 lowercase hex digits (scripts/new_token.py prints it)"
+        return "expected sha256: and 64 lowercase hex digits (`mt5hub token new` prints it)"
     return None
 
 
@@ -237,7 +237,7 @@ def check_safe_to_serve(config: HubConfig) -> None:
         raise ConfigError(
             f"refusing to start: the default publisher token is enabled and the hub binds "
             f"{', '.join(public)}, which is not loopback. Set your own tokens in [mt5hub] of "
-            f"{config.source} or in MT5HUB_TOKENS (scripts/new_token.py makes one)."
+            f"{config.source} or in MT5HUB_TOKENS (`mt5hub token new` makes one)."
         )
     if not config.settings.tokens:
         raise ConfigError(f"{config.source}: no publisher token configured")

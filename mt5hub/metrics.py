@@ -3,7 +3,7 @@
 What is counted per frame (frames and bytes in and out, updates, conflations, compressions, the
 delivery latency) is kept in `Tally` and `Timings`: plain numbers, no lock, read when /metrics is
 scraped. prometheus_client's own Counter and Histogram take a lock and make several calls per
-increment, which was 5-7% of the hub's CPU at 200-1,000 viewers; the hub counts from one trio
+increment, a cost paid per frame per viewer (docs/performance.md); the hub counts from one trio
 thread, so nothing else ever writes these at the same time.
 """
 

@@ -341,10 +341,10 @@ class Decoder:
     def accept(self, obj: dict[str, Any]) -> Head:
         """Validate a publish as `publish` does, but build only its Head: the hub's hot path.
 
-        Building the model costs ~1.4 ms for a 28 x 9 table (half the hub's CPU per publish at
-        50 viewers); `looks_valid` checks the same rules in one plain loop. Whatever it does not
-        vouch for goes through the model, which names the problem precisely (tests/test_models.py
-        checks that the two agree).
+        Building the attrs model is the costliest step of a publish (docs/performance.md);
+        `looks_valid` checks the same rules in one plain loop. Whatever it does not vouch for
+        goes through the model, which names the problem precisely (tests/test_models.py checks
+        that the two agree).
         """
         if looks_valid(obj, self._max_rows):
             return Head(obj["key"], obj["src"], obj["clientId"])

@@ -47,10 +47,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from mt5hub.testing.launcher import (
+    HubProcess,
+    free_port,
+    healthz,
+    hub_env,
+    hub_toml,
+    spawn,
+    stop_group,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_DLL = REPO / "scripts" / "fake_dll.py"
@@ -66,71 +75,46 @@ STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 LOG_PATTERN = re.compile(r"WARNING|ERROR|CRITICAL|Traceback")
 
-HUB_TOML = """\
-# Written by scripts/bench_backplane.py for scenario {name}.
-worker_class = "trio"
-workers = {workers}
-bind = ["127.0.0.1:{port}"]          # plain WS/HTTP: no certfile
-websocket_max_message_size = 1048576
-graceful_timeout = 2.0
-backlog = 1024                     # a thousand viewers connect within seconds
-accesslog = "-"
-errorlog = "-"
+BENCH_SETTINGS: dict[str, Any] = {  # [mt5hub] of the generated hub.toml, but the backplane
+    "ping_interval": 10.0,
+    "publisher_timeout": 30.0,
+    "viewer_timeout": 30.0,
+    "viewer_buffer": 64,
+    "slow_viewer_timeout": 10.0,
+    "viewer_send_buffer": 262144,
+    "rate_limit": 10000.0,  # generous: the benchmark sets the rate, not the limiter
+    "rate_burst": 20000,
+    "flood_seconds": 5.0,
+    "max_rows": 500,
+    "max_viewers": 10000,  # the load generator's viewers all come from 127.0.0.1
+    "max_viewers_per_ip": 10000,
+    "allowed_origins": [],
+    "viewer_tokens": [],
+    "backplane_prefix": "mt5hub-bench",
+    "backplane_heartbeat": 2.0,
+    "backplane_ttl": 10.0,
+    "backplane_timeout": 5.0,
+}
 
-[mt5hub]
-ping_interval = 10.0
-publisher_timeout = 30.0
-viewer_timeout = 30.0
-viewer_buffer = 64
-slow_viewer_timeout = 10.0
-viewer_send_buffer = 262144
-rate_limit = 10000.0        # generous: the benchmark sets the rate, not the limiter
-rate_burst = 20000
-flood_seconds = 5.0
-max_rows = 500
-max_viewers = 10000         # the load generator's viewers all come from 127.0.0.1
-max_viewers_per_ip = 10000
-allowed_origins = []
-viewer_tokens = []
-backplane = "{backplane}"
-backplane_prefix = "mt5hub-bench"
-backplane_heartbeat = 2.0
-backplane_ttl = 10.0
-backplane_timeout = 5.0
 
-[[mt5hub.tokens]]
-token = "{token}"
-keys = ["*"]
-name = "bench"
-"""
+def bench_hub_toml(name: str, workers: int, port: int, backplane: str) -> str:
+    """The hub.toml of a benchmark run: trio workers, plain WS on loopback, generous limits."""
+    top = {
+        "worker_class": "trio",
+        "workers": workers,
+        "bind": [f"127.0.0.1:{port}"],  # plain WS/HTTP: no certfile
+        "websocket_max_message_size": 1048576,
+        "graceful_timeout": 2.0,
+        "backlog": 1024,  # a thousand viewers connect within seconds
+        "accesslog": "-",
+        "errorlog": "-",
+    }
+    hub = {**BENCH_SETTINGS, "backplane": backplane}
+    tokens = [{"token": TOKEN, "keys": ["*"], "name": "bench"}]
+    return hub_toml(top, hub, tokens, f"Written by scripts/bench_backplane.py for {name}.")
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_group(proc: subprocess.Popen[Any] | None, name: str) -> None:
-    """SIGTERM the process group `proc` leads, then SIGKILL it if it lingers."""
-    if proc is None:
-        return
-    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
-        if proc.poll() is not None and not tree(proc.pid):
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            print(f"{name} (pid {proc.pid}) ignored {sig.name}", file=sys.stderr)
-    # the group leader may be gone while workers live on: make sure of the rest
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def redis_call(port: int, *command: str, timeout: float = 5.0) -> bytes:
@@ -156,11 +140,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     command = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     command += ["--appendonly", "no", "--dir", str(workdir)]
-    with open(workdir / "redis.log", "wb") as log:  # the child keeps its own copy of the fd
-        proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = spawn(command, log=workdir / "redis.log")
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while True:
         try:
@@ -172,30 +152,6 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
             stop_group(proc, "redis-server")
             raise SystemExit(f"redis-server did not start; see {workdir / 'redis.log'}")
         time.sleep(0.1)
-
-
-def healthz(port: int, timeout: float = 5.0) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as r:
-        result: dict[str, Any] = json.loads(r.read())
-        return result
-
-
-def wait_for_hub(proc: subprocess.Popen[bytes], port: int, workers: int, log: Path) -> None:
-    """Until /healthz answers from every worker (each answer comes from one of them)."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    pids: set[int] = set()
-    while len(pids) < workers:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hypercorn exited with {proc.returncode}; see {log}")
-        if time.monotonic() > deadline:
-            if pids:  # answering, though not every worker has been seen: go on anyway
-                print(f"only saw {len(pids)} of {workers} workers answer", file=sys.stderr)
-                return
-            raise RuntimeError(f"no hub answered on port {port}; see {log}")
-        try:
-            pids.add(int(healthz(port, timeout=2.0)["pid"]))
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.2)
 
 
 # -- /proc --------------------------------------------------------------------------------------
@@ -323,39 +279,26 @@ def run_scenario(
         redis_call(redis_port, "FLUSHALL")  # no seqs, claims or dead hubs from the last scenario
     port = free_port()
     backplane = f"redis://127.0.0.1:{redis_port}/0" if use_backplane else ""
-    (workdir / "hub.toml").write_text(
-        HUB_TOML.format(name=name, workers=workers, port=port, backplane=backplane, token=TOKEN)
-    )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    for var in ("MT5HUB_CONFIG", "MT5HUB_TOKENS", "MT5HUB_BACKPLANE", "MT5HUB_VIEWER_TOKENS"):
-        env.pop(var, None)  # the file written above is the whole configuration
-    hub_log = workdir / "hub.log"
-    hypercorn = Path(sys.executable).with_name("hypercorn")
-    hub_cmd = [str(hypercorn) if hypercorn.exists() else "hypercorn"]
-    hub_cmd += ["--config", "hub.toml", "mt5hub:app"]
-    hub: subprocess.Popen[bytes] | None = None
+    (workdir / "hub.toml").write_text(bench_hub_toml(name, workers, port, backplane))
+    hub = HubProcess(workdir, port, workers)
     load: subprocess.Popen[str] | None = None
     sampler: Sampler | None = None
     try:
-        with open(hub_log, "wb") as log:
-            hub = subprocess.Popen(
-                hub_cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-        wait_for_hub(hub, port, workers, hub_log)
+        hub.start(STARTUP_TIMEOUT)
+        assert hub.process is not None
         time.sleep(1.0)  # let the workers settle (imports, Redis connections)
-        rss_before = tree_rss(hub.pid)
-        cpu_before = tree_cpu(hub.pid)
+        hub_pid = hub.process.pid
+        rss_before = tree_rss(hub_pid)
+        cpu_before = tree_cpu(hub_pid)
         redis_cpu_before = cpu_seconds(args.redis_pid) if use_backplane else 0.0
-        sampler = Sampler(hub.pid, port)
+        sampler = Sampler(hub_pid, port)
         sampler.start()
         started = time.monotonic()
         reaped_before = children_cpu()
         busy_before, steal_before = system_busy()
-        load = subprocess.Popen(
-            load_command(args, port), cwd=REPO, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+        load = spawn(
+            load_command(args, port), cwd=REPO, env=hub_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         limit = CONNECT_TIME + args.warmup + args.seconds + 120
         try:
@@ -365,12 +308,12 @@ def run_scenario(
         wall = time.monotonic() - started
         load_cpu = children_cpu() - reaped_before  # fake_dll and its viewer processes
         busy_after, steal_after = system_busy()
-        cpu_after = tree_cpu(hub.pid)
+        cpu_after = tree_cpu(hub_pid)
         redis_cpu_after = cpu_seconds(args.redis_pid) if use_backplane else 0.0
         sampler.halt.set()
         sampler.join()
         time.sleep(1.0)  # viewers' sockets closed: let the hub let go of them
-        rss_after = tree_rss(hub.pid)
+        rss_after = tree_rss(hub_pid)
         if load.returncode != 0:
             raise RuntimeError(f"fake_dll load exited with {load.returncode}: {err.strip()}")
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -402,7 +345,7 @@ def run_scenario(
             sampler.halt.set()
         if load is not None and load.poll() is None:
             stop_group(load, "fake_dll")
-        stop_group(hub, "hypercorn")
+        hub.stop(STOP_TIMEOUT)
 
 
 # -- the report ---------------------------------------------------------------------------------

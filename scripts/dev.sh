@@ -5,7 +5,7 @@
 # Open http://localhost:8000/ . Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ ! -x .venv/bin/hypercorn ]]; then  # the tested tree (requirements.lock), then the hub
+if [[ ! -x .venv/bin/hypercorn || ! -x .venv/bin/mt5hub ]]; then  # the tested tree, then the hub
   python3 -m venv .venv
   .venv/bin/pip install -q --require-hashes -r requirements.lock
   .venv/bin/pip install -q --no-deps -e .

@@ -46,37 +46,8 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import CLOSED, OPEN, Event
 from websockets.uri import parse_uri
 
-PAIRS = (
-    "EURUSD",
-    "GBPUSD",
-    "USDJPY",
-    "USDCHF",
-    "AUDUSD",
-    "USDCAD",
-    "NZDUSD",
-    "EURGBP",
-    "EURJPY",
-    "EURCHF",
-    "EURAUD",
-    "EURCAD",
-    "EURNZD",
-    "GBPJPY",
-    "GBPCHF",
-    "GBPAUD",
-    "GBPCAD",
-    "GBPNZD",
-    "AUDJPY",
-    "AUDCHF",
-    "AUDCAD",
-    "AUDNZD",
-    "NZDJPY",
-    "NZDCHF",
-    "NZDCAD",
-    "CADJPY",
-    "CADCHF",
-    "CHFJPY",
-)  # the 28 majors and crosses
-TFS = ("M1", "M5", "M15", "M30", "H1", "H4", "D1", "W1", "MN1")
+from mt5hub.testing.tables import PAIRS, SignalTable
+
 MAX_SECONDS = 600
 RECEIVE_BYTES = 256 * 1024
 MAX_MESSAGE = 16 * 1024 * 1024  # a snapshot of many tables is one message
@@ -86,42 +57,6 @@ MAX_CLIENTS = 10_000
 SENT = re.compile(r'"sent":([0-9.eE+-]+)')
 SEQ = re.compile(r'"seq":([0-9]+)')
 KEY_SRC = re.compile(r'"key":"([^"]*)","src":"([^"]*)"')
-
-
-def colour(value: float) -> str:
-    """The colour an EA would give a signal strength in -100..100."""
-    if value >= 60:
-        return "clrLimeGreen"
-    if value >= 20:
-        return "clrGreen"
-    if value <= -60:
-        return "clrRed"
-    if value <= -20:
-        return "clrOrangeRed"
-    return "clrGray"
-
-
-class SignalTable:
-    """A random walk per pair and timeframe that looks like an EA's signal table."""
-
-    def __init__(self, rng: random.Random, pairs: Sequence[str] = PAIRS) -> None:
-        self.rng = rng
-        self.values = {(p, tf): rng.uniform(-80, 80) for p in pairs for tf in TFS}
-        self.pairs = pairs
-
-    def step(self) -> list[dict[str, Any]]:
-        rows = []
-        for pair in self.pairs:
-            cells = []
-            for tf in TFS:
-                v = self.values[pair, tf] + self.rng.gauss(0, 4)
-                v = self.values[pair, tf] = max(-100.0, min(100.0, v))
-                cells.append({tf: round(v, 1), "cell_color": colour(v)})
-            total = round(sum(self.values[pair, tf] for tf in TFS) / len(TFS), 1)
-            rows.append(
-                {"pair": pair, "TF_data": cells, "sum": total, "sum_cell_color": colour(total)}
-            )
-        return rows
 
 
 def client_ssl(url: str, ca: str | None, insecure: bool) -> ssl.SSLContext | None:

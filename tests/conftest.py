@@ -2,23 +2,20 @@
 
 `hub_factory(**settings)` writes a hub.toml with those `[mt5hub]` settings into a temporary folder,
 with a certificate from a trustme CA, and starts `hypercorn --config hub.toml mt5hub:app`, exactly
-as the README does. Tests then talk to it over real sockets.
+as the README does (through `mt5hub.testing.launcher`, which the scripts and benches use too).
+Tests then talk to it over real sockets.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,15 +24,16 @@ import attrs
 import pytest
 import trustme
 
+from mt5hub.testing.launcher import HubProcess, free_port, hub_toml, kill_group, spawn
+from mt5hub.testing.tw_workaround import pong_unless_closing
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-publisher-token"
 EA1_ONLY_TOKEN = "token-for-ea1-only"
 IN_CI = os.environ.get("CI") == "true"
 pytest_plugins = ["browser"]  # tests/browser.py: Chromium, trusting the tests' CA
+MT5HUB = Path(sys.executable).with_name("mt5hub")  # the console script: token, check-config, ...
 
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from tw_workaround import pong_unless_closing  # noqa: E402  (scripts/ is not a package)
 
 pong_unless_closing()  # the hub pings viewers while they close: python-trio/trio-websocket#184
 
@@ -51,12 +49,6 @@ def require_tool(path: str, why: str) -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # Keys of hub_factory(**settings) that are Hypercorn's (top level of hub.toml), not [mt5hub]'s.
 HYPERCORN_KEYS = (
     "keep_alive_timeout",
@@ -67,23 +59,26 @@ HYPERCORN_KEYS = (
 )
 
 
-def _toml_value(value: Any) -> str:
-    if value == math.inf:
-        return "inf"  # TOML's spelling (JSON has none)
-    return json.dumps(value)  # JSON strings, numbers, booleans and lists are valid TOML
+class RunningHub(HubProcess):
+    """A hub process on loopback serving WS and WSS; stop/start/restart keep its ports and files."""
 
+    def __init__(
+        self,
+        folder: Path,
+        http_port: int,
+        https_port: int,
+        ca: trustme.CA,
+        token: str = TOKEN,
+        pythonpath: str = "",  # a folder to put before the checkout on the hub's PYTHONPATH
+    ) -> None:
+        super().__init__(folder, http_port, pythonpath=pythonpath)
+        self.https_port = https_port
+        self.ca = ca
+        self.token = token
 
-@attrs.define
-class RunningHub:
-    """A hub process on loopback; stop/start/restart keep the same ports and files."""
-
-    folder: Path
-    http_port: int
-    https_port: int
-    ca: trustme.CA
-    process: subprocess.Popen[bytes] | None = None
-    token: str = TOKEN
-    pythonpath: str = ""  # a folder to put before the checkout on the hub's PYTHONPATH
+    @property
+    def http_port(self) -> int:
+        return self.port
 
     @property
     def http_url(self) -> str:
@@ -105,76 +100,13 @@ class RunningHub:
     def ca_pem(self) -> Path:
         return self.folder / "ca.pem"
 
-    @property
-    def log_path(self) -> Path:
-        return self.folder / "hub.log"
-
     def client_ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
         return context
 
     def start(self, timeout: float = 20.0) -> None:
-        assert self.process is None or self.process.poll() is not None, "already running"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hypercorn", "--config", "hub.toml", "mt5hub:app"],
-            cwd=self.folder,
-            env={
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(filter(None, [self.pythonpath, str(ROOT)])),
-                "MT5HUB_CONFIG": "hub.toml",
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"hub exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                self.get("/healthz")
-                return
-            except OSError:  # not listening yet: wait on the process a moment, then ask again
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(0.05)
-        raise RuntimeError(f"hub did not answer /healthz within {timeout} s:\n{self.log()}")
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, as systemd or Ctrl-C would, then wait; returns the exit code."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        finally:
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.http_url + path, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def health(self) -> dict[str, Any]:
-        return json.loads(self.get("/healthz")[1])  # type: ignore[no-any-return]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        super().start(timeout)
 
 
 def write_hub_files(
@@ -196,25 +128,27 @@ def write_hub_files(
             {"token": EA1_ONLY_TOKEN, "keys": ["EA1"], "name": "ea1-only"},
         ],
     )
-    workers = settings.pop("workers", 1)
-    lines = [
-        'worker_class = "trio"',
-        f"workers = {workers}",
-        f'bind = ["{bind_host}:{https_port}"]',
-        f'insecure_bind = ["{bind_host}:{http_port}"]',
-        'certfile = "hub.crt"',
-        'keyfile = "hub.key"',
-        f"alpn_protocols = {_toml_value(settings.pop('alpn_protocols', ['http/1.1']))}",
-        f"websocket_max_message_size = {settings.pop('websocket_max_message_size', 1048576)}",
-        f"graceful_timeout = {settings.pop('graceful_timeout', 2.0)}",
-        'errorlog = "-"',
-        *(f"{k} = {_toml_value(settings.pop(k))}" for k in HYPERCORN_KEYS if k in settings),
-        "[mt5hub]",
-        *(f"{key} = {_toml_value(value)}" for key, value in settings.items()),
-    ]
-    for grant in tokens:
-        lines += ["[[mt5hub.tokens]]", *(f"{k} = {_toml_value(v)}" for k, v in grant.items())]
-    (folder / "hub.toml").write_text("\n".join(lines) + "\n")
+    top = {
+        "worker_class": "trio",
+        "workers": settings.pop("workers", 1),
+        "bind": [f"{bind_host}:{https_port}"],
+        "insecure_bind": [f"{bind_host}:{http_port}"],
+        "certfile": "hub.crt",
+        "keyfile": "hub.key",
+        "alpn_protocols": settings.pop("alpn_protocols", ["http/1.1"]),
+        "websocket_max_message_size": settings.pop("websocket_max_message_size", 1048576),
+        "graceful_timeout": settings.pop("graceful_timeout", 2.0),
+        "errorlog": "-",
+        **{k: settings.pop(k) for k in HYPERCORN_KEYS if k in settings},
+    }
+    (folder / "hub.toml").write_text(hub_toml(top, settings, tokens))
+
+
+def new_hub(folder: Path, ca: trustme.CA, settings: dict[str, Any]) -> RunningHub:
+    """A hub with these settings in `folder`, on free ports; not started yet."""
+    hub = RunningHub(folder, free_port(), free_port(), ca)
+    write_hub_files(folder, ca, hub.http_port, hub.https_port, settings)
+    return hub
 
 
 @pytest.fixture(scope="session")
@@ -229,9 +163,7 @@ def hub_factory(
     hubs: list[RunningHub] = []
 
     def make(**settings: Any) -> RunningHub:
-        folder = tmp_path_factory.mktemp("hub")
-        hub = RunningHub(folder, free_port(), free_port(), ca)
-        write_hub_files(folder, ca, hub.http_port, hub.https_port, settings)
+        hub = new_hub(tmp_path_factory.mktemp("hub"), ca, settings)
         hubs.append(hub)
         hub.start()
         return hub
@@ -264,8 +196,7 @@ class RunningRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 20.0) -> None:
-        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - the process owns it
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [
                 self.binary,
                 "--port",
@@ -279,10 +210,8 @@ class RunningRedis:
                 "--dir",
                 str(self.folder),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            log=self.folder / "redis.log",
         )
-        log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.folder / "redis.log").read_text()
@@ -298,9 +227,7 @@ class RunningRedis:
         raise RuntimeError("redis-server did not answer PING")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()  # like a crash: no goodbye to its clients
-            self.process.wait()
+        kill_group(self.process)  # like a crash: no goodbye to its clients
 
 
 @pytest.fixture
@@ -312,3 +239,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRe
         yield server
     finally:
         server.stop()
+
+
+# The hostile-input tests' hubs (tests/hostile.py); imported here so that pytest finds them.
+from hostile import make_hub, shared_hub  # noqa: E402, F401

@@ -3,13 +3,9 @@ never reads) and the ways tests ask a running hub how it is (/healthz, /metrics)
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import re
 import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +15,9 @@ from conftest import TOKEN, RunningHub
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, open_websocket_url
 from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from mt5hub.testing.rawws import frame, upgrade_request
+from mt5hub.testing.rawws import status_of as raw_status_of
 
 DEADLINE = 60.0  # for things that take milliseconds on an idle machine
 
@@ -131,21 +130,6 @@ async def close_reason(ws: WebSocketConnection, timeout: float = DEADLINE) -> Cl
             return closed.reason
 
 
-def upgrade_request(path: str, *headers: str) -> bytes:
-    """A WebSocket upgrade request as raw bytes, for clients that write their own sockets."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *headers,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 @asynccontextmanager
 async def stalled_viewer(
     port: int, ssl_context: ssl.SSLContext | None = None
@@ -175,44 +159,9 @@ async def stalled_viewer(
 
 
 def status_of(answer: bytes) -> int:
-    match = re.match(rb"HTTP/1\.1 (\d{3})", answer)
-    assert match, answer[:200]
-    return int(match.group(1))
-
-
-def mask(payload: bytes, key: bytes) -> bytes:
-    if not payload or key == b"\0\0\0\0":
-        return payload
-    n = len(payload)
-    keys = int.from_bytes((key * (n // 4 + 1))[:n], "big")
-    return (int.from_bytes(payload, "big") ^ keys).to_bytes(n, "big")
-
-
-def frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    masked: bool = True,
-    length: int | None = None,
-    key: bytes | None = None,
-) -> bytes:
-    """One WebSocket frame as a client sends it, or as a client must not: any opcode, RSV bits,
-    unmasked, and a `length` that need not be the payload's."""
-    size = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0x0F)])
-    mask_bit = 0x80 if masked else 0
-    if size < 126:
-        head += bytes([mask_bit | size])
-    elif size < 1 << 16:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", size)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
-    if not masked:
-        return head + payload
-    key = os.urandom(4) if key is None else key
-    return head + key + mask(payload, key)
+    status = raw_status_of(answer)
+    assert status is not None, answer[:200]
+    return status
 
 
 def text_frame(text: str | bytes, **kwargs: Any) -> bytes:

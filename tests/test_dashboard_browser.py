@@ -28,6 +28,8 @@ import trio
 import trio_websocket
 from browser import TIMEOUT_MS
 
+from mt5hub.testing.tables import colour as strength_colour
+
 try:
     from playwright.sync_api import Locator, Page, WebSocketRoute, expect
 except ImportError:  # reported by the `browser` fixture (tests/browser.py), a skip or a failure
@@ -651,16 +653,8 @@ def test_fifty_tables_of_28_rows_updating_ten_times_a_second_stay_smooth(
 
 
 def colour(value: float) -> str:
-    """How a typical strength EA colours a value."""
-    if value >= 1.2:
-        return "clrLimeGreen"
-    if value >= 0.2:
-        return "clrGreen"
-    if value <= -1.2:
-        return "clrRed"
-    if value <= -0.2:
-        return "clrFireBrick"
-    return "clrGray"
+    """How a typical strength EA colours a value, on this feed's scale (-2.2..2.2)."""
+    return strength_colour(value, strong=1.2, weak=0.2)
 
 
 def realistic_feed(hub: Any, publishers: Any) -> tuple[Publisher, list[dict[str, Any]]]:

@@ -1,6 +1,6 @@
 """Secrets: tokens may live in hub.toml as hashes only, and no token is ever said back.
 
-`scripts/new_token.py` makes a token and prints the line for hub.toml with its SHA-256; a real hub
+`mt5hub token new` makes a token and prints the line for hub.toml with its SHA-256; a real hub
 configured with nothing but that hash accepts the token and nothing else. Error frames, refusals
 and log lines never carry a token, whether it was right, wrong, or sent in the wrong place.
 """
@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import ROOT, RunningHub
+from conftest import MT5HUB, RunningHub
 from helpers import publish_frame, publisher, receive, viewer
 from trio_websocket import ConnectionRejected, open_websocket_url
 
@@ -30,12 +29,12 @@ from mt5hub.config import (
 )
 
 HubFactory = Callable[..., RunningHub]
-SCRIPT = ROOT / "scripts" / "new_token.py"
 
 
-def new_token(*args: str, stdin: str = "") -> list[str]:
+def mt5hub(*args: str, stdin: str = "") -> list[str]:
+    """The lines the `mt5hub` command printed (it must succeed)."""
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [str(MT5HUB), *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -45,12 +44,12 @@ def new_token(*args: str, stdin: str = "") -> list[str]:
 
 
 def toml_part(lines: list[str]) -> dict[str, object]:
-    """The hub.toml lines the script printed, parsed as TOML."""
+    """The hub.toml lines the command printed, parsed as TOML."""
     return tomllib.loads("\n".join(line for line in lines[1:] if not line.startswith("#")))
 
 
 def test_new_token_prints_the_token_once_and_hub_toml_gets_only_its_hash() -> None:
-    lines = new_token("--name", "desk-1", "--keys", "EA1,EA2")
+    lines = mt5hub("token", "new", "--name", "desk-1", "--keys", "EA1,EA2")
     token = lines[0]
     assert len(token) >= 43  # 256 random bits, URL-safe
     grant = toml_part([line for line in lines if not line.startswith("# or")])["mt5hub"]
@@ -62,15 +61,15 @@ def test_new_token_prints_the_token_once_and_hub_toml_gets_only_its_hash() -> No
         "name": "desk-1",
     }
     assert sum(token in line for line in lines) == 1
-    assert new_token("--hash", stdin=token + "\n") == [entry["token"]]
-    assert new_token()[0] != token
+    assert mt5hub("token", "hash", stdin=token + "\n") == [entry["token"]]
+    assert mt5hub("token", "new")[0] != token
 
 
 async def test_a_hub_configured_with_hashes_only_accepts_the_tokens_and_nothing_else(
     hub_factory: HubFactory,
 ) -> None:
-    publisher_lines = new_token("--keys", "EA1")
-    viewer_lines = new_token("--viewer")
+    publisher_lines = mt5hub("token", "new", "--keys", "EA1")
+    viewer_lines = mt5hub("token", "new", "--viewer")
     hashed_grant = toml_part(publisher_lines)["mt5hub"]
     assert isinstance(hashed_grant, dict)
     hashed_viewers = toml_part(viewer_lines)["viewer_tokens"]

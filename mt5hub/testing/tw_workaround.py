@@ -1,4 +1,4 @@
-"""A workaround for trio-websocket clients of the hub (the tests, scripts/attack_report.py).
+"""A workaround for trio-websocket clients of the hub (the tests, attack_report, fake_dll).
 
 trio-websocket 0.12 answers a ping that crosses its own close frame, which wsproto refuses
 (LocalProtocolError out of the client's reader task: python-trio/trio-websocket#184, fix

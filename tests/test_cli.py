@@ -1,0 +1,140 @@
+"""The `mt5hub` command, run as an operator runs it: the console script pip installed.
+
+`check-config` must refuse exactly what the hub refuses, with the reason, and never start a hub;
+`load` is the load tester (scripts/fake_dll.py) against a real hub; `ea-bundle` hands over to
+the DLL's Makefile.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import MT5HUB, ROOT, RunningHub
+
+from mt5hub.config import DEFAULT_TOKEN
+from mt5hub.testing.launcher import free_port, hub_toml
+
+
+def run(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env_free = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}  # no MT5HUB_* from the caller
+    return subprocess.run(
+        [str(MT5HUB), *args],
+        cwd=cwd,
+        env=env_free,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write(folder: Path, name: str, top: dict[str, object], hub: dict[str, object]) -> Path:
+    tokens = hub.pop("tokens", [{"token": "a-token-of-our-own", "keys": ["*"]}])
+    assert isinstance(tokens, list)
+    path = folder / name
+    path.write_text(hub_toml({"worker_class": "trio", **top}, hub, tokens))
+    return path
+
+
+def test_check_config_passes_a_config_the_hub_serves_and_says_what_it_will_do(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "ok.toml", {"bind": ["0.0.0.0:8000"]}, {"max_viewers": 50})
+    done = run("check-config", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "the hub would start" in done.stdout and "0.0.0.0:8000" in done.stdout
+    assert "a-token-of-our-own" not in done.stdout + done.stderr  # never said back
+
+
+@pytest.mark.parametrize(
+    ("top", "hub", "reason"),
+    [
+        (
+            {"bind": ["0.0.0.0:8000"]},
+            {"tokens": [{"token": DEFAULT_TOKEN, "keys": ["*"]}]},
+            "default publisher token",
+        ),
+        ({"bind": ["127.0.0.1:8000"], "workers": 2}, {}, "workers = 2"),
+        ({"bind": ["127.0.0.1:8000"]}, {"max_viewerz": 5}, "max_viewerz"),
+        ({"bind": ["127.0.0.1:8000"]}, {"state_interval": 0.0}, "state_interval"),
+        ({"bind": ["127.0.0.1:8443"], "certfile": "nope.crt", "keyfile": "nope.key"}, {}, "nope"),
+        (
+            {"bind": ["127.0.0.1:8000"]},
+            {"tokens": [{"token": "sha256:abc", "keys": ["*"]}]},
+            "tokens[0]",
+        ),
+    ],
+    ids=["default-token-public", "workers-no-backplane", "unknown-key", "bad-value", "no-cert",
+         "bad-hash"],
+)  # fmt: skip
+def test_check_config_refuses_what_the_hub_refuses_with_the_reason_and_exit_1(
+    tmp_path: Path, top: dict[str, object], hub: dict[str, object], reason: str
+) -> None:
+    path = write(tmp_path, "bad.toml", top, hub)
+    done = run("check-config", str(path), cwd=tmp_path)
+    assert done.returncode == 1, done.stdout
+    assert "refused" in done.stderr and reason in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_config_names_the_file_of_a_toml_syntax_error_and_a_missing_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "broken.toml").write_text("[mt5hub\nrate_limit = 1\n")
+    done = run("check-config", "broken.toml", cwd=tmp_path)
+    assert done.returncode == 1 and "broken.toml" in done.stderr, done.stderr
+    done = run("check-config", "absent.toml", cwd=tmp_path)
+    assert done.returncode == 1 and "absent.toml: no such file" in done.stderr, done.stderr
+
+
+def test_check_config_starts_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    path = write(tmp_path, "ok.toml", {"bind": [f"127.0.0.1:{port}"]}, {})
+    assert run("check-config", str(path), cwd=tmp_path).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # nobody listens there
+
+
+def test_token_new_for_a_viewer_prints_the_token_once_and_its_hash_line() -> None:
+    done = run("token", "new", "--viewer")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    token = lines[0]
+    assert sum(token in line for line in lines) == 1
+    assert any(line.startswith('viewer_tokens = ["sha256:') for line in lines), lines
+
+
+def test_a_token_hash_without_a_token_on_stdin_is_an_error() -> None:
+    done = run("token", "hash")
+    assert done.returncode == 2 and "got none" in done.stderr
+
+
+def test_unknown_commands_and_arguments_are_refused_with_usage() -> None:
+    assert run("serve").returncode == 2
+    done = run("check-config", "a.toml", "--bogus")
+    assert done.returncode == 2 and "--bogus" in done.stderr
+
+
+@pytest.mark.slow
+def test_load_runs_the_load_tester_against_a_real_hub(hub: RunningHub) -> None:
+    done = run(
+        "load", "--url", hub.ws_url, "--token", hub.token, "-p", "1", "-r", "5", "-v", "2",
+        "--seconds", "1", "--warmup", "0", "--json", timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["viewers_closed"] == 0 and result["updates_delivered"] > 0, result
+
+
+def test_load_help_is_the_load_testers() -> None:
+    done = run("load", "--help")
+    assert done.returncode == 0 and "--viewers" in done.stdout and "--stalled" in done.stdout
+
+
+def test_ea_bundle_is_wired_to_the_dll_makefile() -> None:
+    done = run("ea-bundle", "--help")
+    assert done.returncode == 0 and "make -C mt5_dll bundle" in done.stdout.replace("\n", " ")
