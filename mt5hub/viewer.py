@@ -153,16 +153,22 @@ class ViewerSession(Session):
     # -- the watchdog -----------------------------------------------------------------------------
 
     def stuck(self, now: float) -> TooSlow | None:
-        """Also stuck: a ping out, unanswered for slow_viewer_timeout (the peer reads nothing)."""
+        """Also stuck: a ping left unanswered for slow_viewer_timeout after the write it ended
+        went out (the peer reads nothing more)."""
         if (slow := super().stuck(now)) is not None:
             return slow
-        out = self.flow.out_since
+        out = self._ping_out_since()
         if out is not None and now - out >= self.settings.slow_viewer_timeout:
             return TooSlow(f"read nothing it was sent for {now - out:.0f} s")
         return None
 
     def next_stuck_check(self, now: float) -> float:
-        out = self.flow.out_since
+        out = self._ping_out_since()
         if self.sending_since is None and out is not None:
             return out + self.settings.slow_viewer_timeout
         return super().next_stuck_check(now)
+
+    def _ping_out_since(self) -> float | None:
+        """When the ping that is out left: the end of its write (a large one takes a while)."""
+        out = self.flow.out_since
+        return None if out is None else max(out, self.transport.progress_at)
