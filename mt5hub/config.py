@@ -246,7 +246,7 @@ def check_safe_to_serve(config: HubConfig) -> None:
         raise ConfigError(
             f"refusing to start: the TLS bind {', '.join(config.tls_binds)} would offer "
             f"[{offered}] by ALPN, and browsers would open their WebSockets as HTTP/2 streams, "
-            f"which the hub does not serve (docs/decisions/006-http11-only.md). Set "
+            f"which the hub does not serve (docs/decisions/006-http11-only-on-tls.md). Set "
             f'alpn_protocols = ["{HTTP11}"] in {config.source}.'
         )
     if config.workers > 1 and not config.settings.backplane:

@@ -1,7 +1,7 @@
 """WSS is the same path as WS: the hub's TLS binds offer HTTP/1.1 only, so browsers open their
 WebSockets with an RFC 6455 upgrade, never as HTTP/2 streams (RFC 8441), which the hub refuses.
 
-See docs/decisions/006-http11-only.md. The fan-out, flow control and hardening over TLS are
+See docs/decisions/006-http11-only-on-tls.md. The fan-out, flow control and hardening over TLS are
 shown by the `wss` cases of tests/test_hub_server.py and tests/test_dashboard_browser.py.
 """
 
