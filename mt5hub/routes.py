@@ -75,7 +75,8 @@ def _setup_logging(level: str) -> None:
 
 # RFC 8441 lets a client open a WebSocket as an HTTP/2 stream (h2c on the plain bind; TLS binds
 # offer only HTTP/1.1, see check_safe_to_serve). The hub's fan-out, flow control and hardening
-# are built on HTTP/1.1 sockets (docs/decisions/006-http11-only-on-tls.md): such a stream is refused.
+# are built on HTTP/1.1 sockets (docs/decisions/006-http11-only-on-tls.md): such a stream is
+# refused.
 _HTTP2_WEBSOCKET = Refusal(505, "WebSockets are served over HTTP/1.1 only (RFC 6455), not HTTP/2")
 
 

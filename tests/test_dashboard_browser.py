@@ -749,7 +749,7 @@ def test_realistic_feed_on_desktop_phone_and_dark(
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
 
 
-# ---- over WSS, as deployed: the same HTTP/1.1 path as WS (docs/decisions/006-http11-only-on-tls.md) ----
+# ---- over WSS, as deployed: the same HTTP/1.1 path as WS (docs/decisions/006) ----------------
 
 
 def _hub_metric(hub: Any, name: str) -> float:
