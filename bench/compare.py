@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import ssl
 import subprocess
 import sys
@@ -67,7 +68,8 @@ from mt5hub.testing.launcher import (  # noqa: E402
     wait_ready,
 )
 
-SERVERS = ("baseline", "mt5hub")
+SERVERS = ("baseline", "before", "mt5hub")  # before: mt5hub from --before's checkout
+BEFORE: list[str] = []  # the checkout of `before`, set by main
 LOAD_SLACK = 60.0  # fake_dll's own bounds, then this much, before it is killed
 
 
@@ -116,6 +118,8 @@ def start_server(
     """The server on `port`; with `health_port`, over TLS on `port` (hub.crt in `workdir`) and,
     for mt5hub, plain HTTP on `health_port` for the launcher's /healthz."""
     env = hub_env(MT5_TOKEN=bb.TOKEN)
+    if server == "before":  # its mt5hub first on the path
+        env["PYTHONPATH"] = os.pathsep.join([*BEFORE, env["PYTHONPATH"]])
     bindir = Path(sys.executable).parent
     if server == "baseline":  # plain uvicorn: its defaults (websockets, permessage-deflate)
         command = [str(bindir / "uvicorn"), "bench.seed_fastapi:app"]
@@ -146,7 +150,7 @@ def run_one(
     command = bb.load_command(load_args, port) + (["--deflate"] if args.deflate else [])
     health_port = None
     if scheme == "wss":
-        health_port = free_port() if server == "mt5hub" else None
+        health_port = free_port() if server != "baseline" else None
         command[command.index(f"ws://127.0.0.1:{port}")] = f"wss://127.0.0.1:{port}"
         command += ["--ca", str(write_certificate(workdir))]
     proc: subprocess.Popen[bytes] | None = None
@@ -306,7 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deflate", action="store_true", help="viewers offer permessage-deflate")
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and server logs")
-    parser.add_argument("--servers", default=",".join(SERVERS), help="baseline and/or mt5hub")
+    parser.add_argument(
+        "--servers", default="baseline,mt5hub", help="baseline, before and/or mt5hub"
+    )
+    parser.add_argument(
+        "--before", default="", help="a checkout (e.g. a git worktree of an older commit): "
+        "the `before` server is its mt5hub, for interleaved before/after pairs",
+    )  # fmt: skip
     parser.add_argument("--schemes", default="ws", help="ws and/or wss (TLS), comma-separated")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds of each pair")
     args = parser.parse_args(argv)
@@ -314,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     schemes = [s for s in args.schemes.split(",") if s]
     if not set(servers) <= set(SERVERS) or not set(schemes) <= {"ws", "wss"}:
         parser.error(f"--servers takes {', '.join(SERVERS)}; --schemes takes ws, wss")
+    if ("before" in servers) != bool(args.before):
+        parser.error("--before PATH and the server `before` go together")
+    BEFORE[:] = [args.before] if args.before else []
     try:
         counts = [int(v) for v in args.viewers.split(",")]
         shares = [float(v) for v in args.stalled_pct.split(",")]

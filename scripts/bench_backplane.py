@@ -94,6 +94,7 @@ BENCH_SETTINGS: dict[str, Any] = {  # [mt5hub] of the generated hub.toml, but th
     "backplane_heartbeat": 2.0,
     "backplane_ttl": 10.0,
     "backplane_timeout": 5.0,
+    "state_file": "",  # the fan-out is measured, not the saver's disk writes
 }
 
 

@@ -7,22 +7,23 @@ too. The only way out is to close the socket under it. ASGI offers no handle for
 to the trio stream Hypercorn's TCPServer owns.
 
 The same stream makes the fan-out cheap. Through ASGI every message costs a trip through
-Hypercorn's WSStream, wsproto and the TCPServer's lock (~100 us of Python each; 45% of the hub's
-CPU in a profile at 200 viewers), and with permessage-deflate (which browsers always offer and
-Hypercorn always accepts) a compression per viewer with its own zlib context. On an HTTP/1.1
+Hypercorn's WSStream, wsproto and the TCPServer's lock, per viewer, and with permessage-deflate
+(which browsers always offer and Hypercorn always accepts) a compression per viewer with its own
+zlib context. On an HTTP/1.1
 WebSocket a server's data frame is the same for every viewer: a header and the UTF-8 payload, or,
 where deflate was negotiated, the payload compressed on its own (a message that refers to no
 earlier one is valid whether or not the peer expects context takeover). So each update's frame is
 made once (`wire`) and a viewer's pending frames go out in one `send_all`, under the TCPServer's
-own send lock so that nothing interleaves with Hypercorn's control frames. HTTP/2 uses ASGI.
+own send lock so that nothing interleaves with Hypercorn's control frames (over TLS, the
+records are made here too: see `_write_all`). With the adapter off (`asgi_only`), ASGI.
 A write may end with a WebSocket ping (flow control, see mt5hub.flow); the pongs, like the
 peer's messages, come back through the Link (`Link.pong`, `Link.feed`), called by
 mt5hub.server._hardening as Hypercorn reads them.
 
-The walk depends on Hypercorn's internals (pinned in pyproject.toml). Real sockets prove both
-paths: tests/test_hub_server.py the direct one (its clients offer no compression, like the DLL),
-tests/test_dashboard_browser.py and a wsproto client the compressed one (Chromium offers
-permessage-deflate).
+The walk depends on Hypercorn's and trio's internals (pinned in pyproject.toml). Real sockets
+prove both paths, over WS and WSS: tests/test_hub_server.py the direct one (its clients offer no
+compression, like the DLL), tests/test_dashboard_browser.py and a wsproto client the compressed
+one (Chromium offers permessage-deflate).
 """
 
 from __future__ import annotations
