@@ -6,6 +6,7 @@ authenticates, adapts the websocket, and reports.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -21,11 +22,20 @@ from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config
 from .hardening import install as harden_hypercorn
 from .hub import Backplane, Hub, LocalBackplane, encode
-from .limits import RETRY_AFTER, Limits, LogThrottle, client_ip, raise_open_files_limit
+from .limits import (
+    RETRY_AFTER,
+    FailedHandshakes,
+    Limits,
+    LogThrottle,
+    address_key,
+    client_ip,
+    raise_open_files_limit,
+)
 from .metrics import CONTENT_TYPE
 from .models import Decoder
 from .persist import StateStore
 from .session import PublisherSession, ViewerSession
+from .supervise import Supervisor
 from .transport import QuartTransport, TrackConnections
 
 log = logging.getLogger("mt5hub")
@@ -58,7 +68,7 @@ def _refuse(refusal: Refusal, reason: str, hub: Hub, ip: str, throttle: LogThrot
         content_type="application/json",
     )
     if refusal.status in (429, 503):
-        response.headers["Retry-After"] = str(RETRY_AFTER)
+        response.headers["Retry-After"] = str(refusal.retry_after or RETRY_AFTER)
     return response
 
 
@@ -95,7 +105,13 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             ttl=settings.backplane_ttl,
             timeout=settings.backplane_timeout,
         )
-    hub = Hub(viewer_buffer=settings.viewer_buffer, backplane=backplane)
+    hub = Hub(
+        viewer_buffer=settings.viewer_buffer,
+        backplane=backplane,
+        max_tables=settings.max_tables,
+        max_table_bytes=settings.max_table_bytes,
+        max_state_bytes=settings.max_state_bytes,
+    )
     # mt5hub/hardening.py: what hostile clients reach in Hypercorn, fixed (and counted)
     harden_hypercorn(
         lambda role, code: hub.metrics.closes.labels(role, str(code)).inc(), config.max_frame_bytes
@@ -114,6 +130,12 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         max_publishers=settings.max_publishers,
     )
     throttle = LogThrottle()
+    failures = FailedHandshakes(settings.failed_handshakes, settings.failed_handshake_window)
+
+    def refuse_auth(refusal: Refusal, reason: str, ip: str) -> Response:
+        """401/403, counted against the address's budget of failed handshakes."""
+        failures.failed(ip)
+        return _refuse(refusal, reason, hub, ip, throttle)
 
     def peer_ip() -> str:
         return client_ip(
@@ -124,6 +146,8 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     started = time.monotonic()
     app.extensions["mt5hub"] = hub
+    # Background tasks run under it: their errors never end the lifespan (see supervise.py).
+    supervisor = Supervisor(hub.metrics)
 
     @app.before_serving
     async def startup() -> None:
@@ -142,13 +166,15 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         if store is not None:
             # Before serving, so the first viewer's snapshot holds the tables of the last run.
             hub.restore(await trio.to_thread.run_sync(store.load))
-            app.nursery.start_soon(store.run, hub)  # cancelled at shutdown, after final_save
+            # Cancelled at shutdown, before final_save.
+            app.nursery.start_soon(supervisor.run, "state saver", functools.partial(store.run, hub))
         elif settings.state_file and settings.backplane:
             log.info("state_file unused: with a backplane the latest state lives in Redis")
         if isinstance(backplane, RedisBackplane):
             # Lives in the lifespan nursery, cancelled at shutdown. Returns once the first
             # attempt to reach Redis is over, so the first viewer gets the shared snapshot.
-            await app.nursery.start(backplane.run, hub)
+            runner = functools.partial(backplane.run, hub)
+            await app.nursery.start(supervisor.run, "backplane", runner)
         log.info("mt5hub serving, config %s, binds %s", config.source, ", ".join(config.binds))
 
     @app.after_serving
@@ -164,8 +190,10 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     @app.get("/healthz")
     async def healthz() -> Any:
         bp = hub.backplane.status()
+        failing = dict(supervisor.failing)  # background tasks failing now, and their last error
         return jsonify(
-            status="ok" if bp["connected"] else "degraded",
+            status="ok" if bp["connected"] and not failing else "degraded",
+            failing=failing,
             backplane=bp,
             publishers=hub.publishers,
             viewers=len(hub.viewers),
@@ -192,9 +220,11 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     @app.websocket("/ws/dll")
     async def publisher() -> Response | None:
         ip = peer_ip()
+        if (spent := failures.refusal(ip)) is not None:
+            return _refuse(spent, "too_many_failures", hub, address_key(ip), throttle)
         grant = auth.publisher(_token())
         if isinstance(grant, Refusal):
-            return _refuse(grant, "unauthorized", hub, ip, throttle)
+            return refuse_auth(grant, "unauthorized", ip)
         with limits.publisher() as full:
             if full is not None:
                 return _refuse(full, "hub_full", hub, ip, throttle)
@@ -208,15 +238,17 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     @app.websocket("/ws")
     async def viewer() -> Response | None:
+        ip = peer_ip()
+        if (spent := failures.refusal(ip)) is not None:
+            return _refuse(spent, "too_many_failures", hub, address_key(ip), throttle)
         refusal = auth.viewer(
             _token(),
             websocket.headers.get("Origin"),
             websocket.headers.get("Host"),
         )
-        ip = peer_ip()
         if refusal is not None:
             reason = "forbidden" if refusal.status == 403 else "unauthorized"
-            return _refuse(refusal, reason, hub, ip, throttle)
+            return refuse_auth(refusal, reason, ip)
         with limits.viewer(ip) as full:
             if full is not None:
                 reason = "too_many_from_ip" if full.status == 429 else "hub_full"
