@@ -18,6 +18,10 @@ is newer), and loads whatever other hubs changed meanwhile. Nothing a publisher 
 viewer's latest state; intermediate updates of that window may be skipped, as with conflation.
 
 Needs a single Redis server (scripts touch keys of other hubs, so not Redis Cluster).
+
+Deployments sharing one Redis are kept apart by `backplane_prefix`, and by the URL's database
+number too: keys live in their database, and the channel, which pub/sub shares across every
+database of a server, is `<prefix>:db<n>:events` for a database n other than 0.
 """
 
 from __future__ import annotations
@@ -261,6 +265,12 @@ class Backoff:
         self._attempt = 0
 
 
+def redis_database(url: str) -> int:
+    """The database number a Redis URL selects (`/3` or `?db=3`), as coredis reads it; 0 if none."""
+    kwargs = coredis.Redis.from_url(url).connection_pool.connection_kwargs
+    return int(kwargs.get("db") or 0)
+
+
 def is_outage(exc: BaseException) -> bool:
     """True if this (maybe grouped) error only says Redis is unreachable, slow or refusing."""
     if isinstance(exc, BaseExceptionGroup):
@@ -284,7 +294,9 @@ class RedisBackplane:
         self.url = url
         self.heartbeat, self.ttl, self.timeout = heartbeat, ttl, timeout
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
-        self.channel = f"{prefix}:events"
+        # Pub/sub ignores database numbers: the channel carries it (0 keeps the plain name).
+        database = redis_database(url)
+        self.channel = f"{prefix}:db{database}:events" if database else f"{prefix}:events"
         self._keys_seq, self._keys_state = f"{prefix}:seq", f"{prefix}:state"
         self._keys_workers = f"{prefix}:workers"
         self._claims_prefix = f"{prefix}:claims:"

@@ -86,7 +86,7 @@ class Settings:
     # A request head (request line and headers) larger than this, or with more header lines,
     # is answered 431 whatever the reads it arrives in.
     max_head_bytes: int = 16 * 1024
-    max_headers: int = 64
+    max_headers: int = 100
     # Handshakes refused 401/403 that one client address (an IPv6 /64) may make per
     # `failed_handshake_window` seconds; past that it gets 429 with Retry-After.
     failed_handshakes: int = 20

@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 from .auth import Authenticator, Refusal, bearer_token
 from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config
+from .hardening import follow_parent, refuse_to_start
 from .hardening import install as harden_hypercorn
 from .hub import Backplane, Hub, LocalBackplane, encode
 from .limits import (
@@ -114,7 +115,11 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     )
     # mt5hub/hardening.py: what hostile clients reach in Hypercorn, fixed (and counted)
     harden_hypercorn(
-        lambda role, code: hub.metrics.closes.labels(role, str(code)).inc(), config.max_frame_bytes
+        lambda role, code: hub.metrics.closes.labels(role, str(code)).inc(),
+        config.max_frame_bytes,
+        max_head_bytes=settings.max_head_bytes,
+        max_headers=settings.max_headers,
+        on_reject=lambda reason: hub.metrics.rejects.labels(reason).inc(),
     )
     # With a backplane the state lives in Redis: workers sharing one file would fight over it.
     store = (
@@ -152,6 +157,14 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     @app.before_serving
     async def startup() -> None:
         _setup_logging(settings.log_level)
+        follow_parent()
+        try:
+            await serve()
+        except Exception as exc:
+            refuse_to_start(str(exc))  # Hypercorn's exit status must say so (hardening.py, 7)
+            raise
+
+    async def serve() -> None:
         check_safe_to_serve(config)  # raising here makes Hypercorn exit with the reason
         wanted = settings.max_viewers + settings.max_publishers + 256  # + files, Redis, slack
         soft, hard = raise_open_files_limit(wanted)
