@@ -249,7 +249,7 @@ def _head_problem(protocol: Any, data: bytes) -> str | None:
 async def _refuse_head(protocol: Any, problem: str) -> None:
     """431, and hang up: nothing of the head reaches h11 or the app."""
     client = protocol.client[0] if protocol.client else "?"
-    _head_lines.warning("head", str(client), "refused a request from %s: 431 %s", client, problem)
+    _head_lines.warning(problem, str(client), "refused a request from %s: 431 %s", client, problem)
     if _on_reject is not None:
         _on_reject("head_too_large")
     connection = protocol.connection
