@@ -91,6 +91,9 @@ class Settings:
     # `failed_handshake_window` seconds; past that it gets 429 with Retry-After.
     failed_handshakes: int = 20
     failed_handshake_window: float = 60.0
+    # Hand freed memory back to the system (glibc's malloc_trim) once a burst of connections
+    # has gone: see mt5hub/memory.py.
+    trim_memory: bool = True
     ping_interval: float = 10.0
     publisher_timeout: float = 30.0
     viewer_timeout: float = 30.0

@@ -32,6 +32,7 @@ from .limits import (
     client_ip,
     raise_open_files_limit,
 )
+from .memory import Trimmer
 from .metrics import CONTENT_TYPE
 from .models import Decoder
 from .persist import StateStore
@@ -183,6 +184,9 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             app.nursery.start_soon(supervisor.run, "state saver", functools.partial(store.run, hub))
         elif settings.state_file and settings.backplane:
             log.info("state_file unused: with a backplane the latest state lives in Redis")
+        if settings.trim_memory:
+            trimmer = functools.partial(Trimmer().run, hub)
+            app.nursery.start_soon(supervisor.run, "memory trim", trimmer)
         if isinstance(backplane, RedisBackplane):
             # Lives in the lifespan nursery, cancelled at shutdown. Returns once the first
             # attempt to reach Redis is over, so the first viewer gets the shared snapshot.
