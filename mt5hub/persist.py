@@ -84,6 +84,7 @@ class StateStore:
         self._lock = trio.Lock()  # one save at a time from this event loop
         self._saved_changes = 0  # Hub.changes as of the last successful save
         self._failing = False  # a save failed and nothing has been saved since: log once
+        self.problem = ""  # why the last save failed, while saves fail (for /healthz)
         # Writes abandoned by a cancelled caller may still run in their thread: this lock and
         # the newest generation written keep an older snapshot from replacing a newer one.
         self._write_lock = threading.Lock()
@@ -262,6 +263,7 @@ class StateStore:
                         self.interval,
                     )
                 self._failing = True
+                self.problem = f"cannot write {self.path}: {_describe(exc)}"
                 return False
             self._saved_changes = changes
             for table in tables:
@@ -270,6 +272,7 @@ class StateStore:
             if self._failing:
                 log.info("saved the tables to %s again", self.path)
                 self._failing = False
+                self.problem = ""
             return True
 
     async def final_save(self, hub: Hub, timeout: float = FINAL_SAVE_TIMEOUT) -> None:

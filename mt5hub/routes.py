@@ -208,6 +208,8 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     async def healthz() -> Any:
         bp = hub.backplane.status()
         failing = dict(supervisor.failing)  # background tasks failing now, and their last error
+        if store is not None and store.problem:  # saves failing with OSError (disk full, say)
+            failing.setdefault("state saver", store.problem)
         return jsonify(
             status="ok" if bp["connected"] and not failing else "degraded",
             failing=failing,

@@ -813,8 +813,8 @@ def test_default_token_on_a_public_bind_refuses_to_start_and_logs_why(
     finally:
         hub.kill()
     _says_why(hub.log())
-    # Not asserted: the exit status. Hypercorn 0.18 with workers >= 1 reports 0 even when its
-    # worker fails (pgjones/hypercorn#269); the next test shows the refusal is a failure.
+    # Its exit status with workers >= 1: tests/test_limits_server.py (Hypercorn 0.18 itself
+    # reports 0 there, pgjones/hypercorn#269: see mt5hub/hardening.py, 7).
 
 
 def test_default_token_refusal_is_a_failing_exit_status_where_hypercorn_reports_it(

@@ -182,12 +182,13 @@ async def test_a_save_that_fails_leaves_the_previous_state_whole(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.log"]
     assert [t.seq for t in StateStore(store.path).load()] == [1]
     assert samples(hub, "mt5hub_state_save_errors_total") == 2
+    assert "No space left on device" in store.problem  # /healthz says degraded, and why
     [warning] = lines(hub_log, logging.WARNING)  # once, however often it fails
     assert str(store.path) in warning and "No space left on device" in warning
 
     monkeypatch.undo()
     assert await store.save(hub)  # retried, and this time it works
-    assert saved_seqs(store.path) == {("EA1", "S1"): 3}
+    assert saved_seqs(store.path) == {("EA1", "S1"): 3} and store.problem == ""
     assert any("again" in line for line in lines(hub_log, logging.INFO))
 
 
