@@ -483,6 +483,8 @@ async def test_stalled_viewer_does_not_delay_a_healthy_viewer(hub_factory: HubFa
         rate_limit=1000,
         rate_burst=1000,
         max_rows=2000,
+        max_table_bytes=1048576,  # tables of ~400 KB, as fast as the healthy viewer reads
+        byte_rate=1e9,
     )
     rows = 1500  # ~400 KB a frame: the stalled socket's buffers fill after a few
     with trio.fail_after(3 * DEADLINE):
@@ -525,6 +527,8 @@ async def test_stalled_viewer_is_disconnected_after_slow_viewer_timeout(
         rate_limit=1000,
         rate_burst=1000,
         max_rows=2000,
+        max_table_bytes=1048576,  # tables of ~400 KB, as fast as the healthy viewer reads
+        byte_rate=1e9,
     )
     with trio.fail_after(3 * DEADLINE):
         async with (
