@@ -1,19 +1,29 @@
 """Give memory back to the system after a burst of connections has gone.
 
-Each connection costs the hub buffers and objects that glibc's allocator takes from many small
-heaps (arenas, one per thread that ever allocated) and keeps once they are freed: after 5,000
-viewers have come and gone, the hub's RSS stays near its peak. `malloc_trim(0)` hands the free
-pages of every arena back to the system. `Trimmer` calls it (in a worker thread: it walks the
-heaps) when the number of connections has fallen to half of its peak or less, by at least
-`min_drop`, and no more often than once per `interval` seconds. Where the C library has no
-malloc_trim (musl, macOS) it does nothing.
+After 5,000 viewers have come and gone, the hub's RSS stayed near its peak for good: two
+reasons, both dealt with here once the number of connections has fallen to half of its peak or
+less, by at least `min_drop` (checked every `interval` seconds):
+
+- Much of what a closed connection leaves is cyclic garbage (its cancelled tasks' exceptions,
+  tracebacks and frames, which reference each other): ~1 million objects after 5,000
+  connections, which only a full collection frees, and nothing may trigger one for a long time
+  once the hub is quiet. `gc.collect()` frees them; it holds the event loop while it runs (about
+  2 s for 1.2 million objects on a busy 2-core machine: docs/performance-memory.md), once per
+  burst, as Python's own full collections do during the burst.
+- glibc's allocator keeps freed pages in its heaps (arenas). `malloc_trim(0)` hands the free
+  pages of every arena back (in a worker thread: it walks the heaps), where the C library has
+  it (not musl, not macOS).
+
+`trim_memory = false` in [mt5hub] turns this off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,8 +69,6 @@ class Trimmer:
     async def run(self, hub: Hub, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Check every `interval` seconds until cancelled."""
         task_status.started()
-        if self._trim is None:
-            return
         trim = self._trim
         peak = 0
         while True:
@@ -68,7 +76,19 @@ class Trimmer:
             now = len(hub.viewers) + hub.publishers
             peak = max(peak, now)
             if peak - now >= self.min_drop and now <= peak // 2:
-                await self._in_thread(lambda: trim(0))
+                # The connections' tasks, coroutines and exceptions reference each other:
+                # cycles that wait for a full collection, which may not come for a long time.
+                began = time.perf_counter()
+                found = gc.collect()
+                collected = time.perf_counter() - began
+                if trim is not None:
+                    await self._in_thread(lambda: trim(0))
                 self.trims += 1
-                log.info("%d connections of %d gone: memory trimmed", peak - now, peak)
+                log.info(
+                    "%d connections of %d gone: collected %d objects in %.3f s, memory trimmed",
+                    peak - now,
+                    peak,
+                    found,
+                    collected,
+                )
                 peak = now

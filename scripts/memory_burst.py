@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("-t", "--tables", type=int, default=20)
     parser.add_argument("--wait", type=float, default=60.0, help="seconds after the close")
     parser.add_argument("--no-trim", action="store_true", help="trim_memory = false")
+    parser.add_argument("--bursts", type=int, default=1, help="bursts, each measured")
     args = parser.parse_args()
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -172,7 +173,7 @@ def main() -> None:
                 "viewer_timeout = 3600.0",
                 "slow_viewer_timeout = 3600.0",
                 f"trim_memory = {'false' if args.no_trim else 'true'}",
-                'log_level = "WARNING"',
+                'log_level = "INFO"',
                 "[[mt5hub.tokens]]",
                 f'token = "{TOKEN}"',
                 'keys = ["*"]',
@@ -211,18 +212,21 @@ def main() -> None:
         trio.run(publish)
         with_tables = rss(port)
         print(f"hub pid {hub.pid}, {args.tables} tables, trim_memory {not args.no_trim}")
-        peak, count = trio.run(burst, port, args.connections)
-        while viewers(port) > 0:
-            time.sleep(0.5)
-        closed = rss(port)
-        time.sleep(args.wait)
-        after = rss(port)
         print(f"  started          {mib(started)}")
         print(f"  with tables      {mib(with_tables)}")
-        print(f"  {count} viewers   {mib(peak)}")
-        print(f"  all closed       {mib(closed)}")
-        print(f"  {args.wait:g} s later      {mib(after)}")
-        print(f"  kept after the burst: {mib(after - with_tables)}")
+        for _ in range(args.bursts):
+            peak, count = trio.run(burst, port, args.connections)
+            while viewers(port) > 0:
+                time.sleep(0.5)
+            closed = rss(port)
+            time.sleep(args.wait)
+            after = rss(port)
+            print(f"  {count} viewers   {mib(peak)}")
+            print(f"  all closed       {mib(closed)}")
+            print(f"  {args.wait:g} s later      {mib(after)}")
+            print(f"  kept after the burst: {mib(after - with_tables)}")
+        lines = (folder / "hub.log").read_text().splitlines()
+        print("\n".join(f"  hub: {line}" for line in lines if "trimmed" in line))
     finally:
         hub.terminate()
         hub.wait(30)
