@@ -4,6 +4,7 @@
     python scripts/memory_burst.py                     # 5,000 viewers, then 60 s after they left
     python scripts/memory_burst.py --no-trim           # the same without malloc_trim (memory.py)
     python scripts/memory_burst.py -c 1000 --wait 10   # a smaller, quicker run
+    python scripts/memory_burst.py --bursts 3          # one hub, three bursts: reused or leaked?
 
 Starts its own hub (`hypercorn --config hub.toml mt5hub:app` in a temporary folder, loopback
 only), publishes `--tables` tables of 28 x 9, opens `--connections` viewers from addresses
