@@ -19,6 +19,7 @@ from .config import TokenGrant, configured_digest, token_digest
 class Refusal:
     status: int  # 401: no credentials; 403: credentials, but not good ones
     detail: str
+    retry_after: int | None = None  # seconds, for a 429 or 503 (None: the usual RETRY_AFTER)
 
 
 def bearer_token(authorization: str | None, query_token: str | None) -> str | None:

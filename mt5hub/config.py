@@ -74,6 +74,26 @@ class Settings:
     rate_limit: float = 50.0
     rate_burst: int = 100
     flood_seconds: float = 5.0
+    # Bytes per second per publisher connection, beside the frame rate: 50 frames/s of 28 x 9
+    # tables (~14 KB each) is 0.7 MB/s. The burst lets a reconnecting EA send ~1,000 at once.
+    byte_rate: float = 2 * 1024 * 1024
+    byte_burst: int = 16 * 1024 * 1024
+    # What publishers can make the hub hold: tables, bytes of one table's latest update (a
+    # 500-row table of 9 timeframes is ~220 KB), bytes of every table's latest update together.
+    max_tables: int = 10_000
+    max_table_bytes: int = 256 * 1024
+    max_state_bytes: int = 256 * 1024 * 1024
+    # A request head (request line and headers) larger than this, or with more header lines,
+    # is answered 431 whatever the reads it arrives in.
+    max_head_bytes: int = 16 * 1024
+    max_headers: int = 100
+    # Handshakes refused 401/403 that one client address (an IPv6 /64) may make per
+    # `failed_handshake_window` seconds; past that it gets 429 with Retry-After.
+    failed_handshakes: int = 20
+    failed_handshake_window: float = 60.0
+    # Hand freed memory back to the system (glibc's malloc_trim) once a burst of connections
+    # has gone: see mt5hub/memory.py.
+    trim_memory: bool = True
     ping_interval: float = 10.0
     publisher_timeout: float = 30.0
     viewer_timeout: float = 30.0
@@ -124,7 +144,20 @@ class Settings:
             found.append("viewer_lag: must be 0 seconds or more (inf: no flow control)")
         if not 0 <= self.viewer_lag_interval < math.inf:
             found.append("viewer_lag_interval: must be 0 seconds or more, and finite")
-        for name in ("max_viewers", "max_viewers_per_ip", "max_publishers"):
+        if not (self.byte_rate > 0 and self.failed_handshake_window > 0):  # also refuses NaN
+            found.append("byte_rate and failed_handshake_window: must be more than 0")
+        for name in (
+            "max_viewers",
+            "max_viewers_per_ip",
+            "max_publishers",
+            "byte_burst",
+            "max_tables",
+            "max_table_bytes",
+            "max_state_bytes",
+            "max_head_bytes",
+            "max_headers",
+            "failed_handshakes",
+        ):
             if getattr(self, name) < 1:
                 found.append(f"{name}: must be at least 1")
         for network in self.trusted_proxies:

@@ -33,6 +33,15 @@ class ProtocolError(HubError):
         return {"detail": self.detail, **self.extra}
 
 
+class OverLimit(ProtocolError):
+    """A publish that would make the hub hold more than a configured limit allows (`max_tables`,
+    `max_table_bytes`, `max_state_bytes`): code `over_limit`, and the detail names the limit."""
+
+    def __init__(self, limit: str, detail: str) -> None:
+        super().__init__("over_limit", f"{limit}: {detail}")
+        self.limit = limit
+
+
 class FrameTooLarge(HubError):
     close_code = 1009
     reason = "frame too large"

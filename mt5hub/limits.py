@@ -9,12 +9,18 @@ costs no WebSocket and no task.
 
 Behind a reverse proxy every client has the proxy's address: `client_ip` believes
 `X-Forwarded-For` only from the proxies named in `trusted_proxies`.
+
+Per-address limits count an IPv6 /64 as one address (`address_key`): one subscriber or one
+cloud host is handed a whole /64, and could otherwise pose as 2^64 clients. Handshakes refused
+for a missing or wrong token are budgeted per address too (`FailedHandshakes`): each costs the
+hub a request parse and a log line, so a script repeating them is answered 429 instead.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import resource
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -44,6 +50,7 @@ class Limits:
     @contextmanager
     def viewer(self, ip: str) -> Iterator[Refusal | None]:
         """Hold a viewer's slot for the block, or yield the refusal if there is none."""
+        ip = address_key(ip)
         if self._viewers_by_ip[ip] >= self.max_viewers_per_ip:
             yield Refusal(429, f"{ip} holds {self.max_viewers_per_ip} viewer connections already")
             return
@@ -71,6 +78,66 @@ class Limits:
             yield None
         finally:
             self.publishers -= 1
+
+
+class FailedHandshakes:
+    """Handshakes refused 401/403, per client address: `budget` of them per `window` seconds.
+
+    A token bucket per address, refilled evenly (`budget / window` a second): an EA with a
+    mistyped token that retries every few seconds stays within it and keeps hearing 401/403,
+    while a script guessing tokens is answered 429 with `Retry-After` (no hash, no parse of its
+    token, no log line of its own) until its budget refills. Addresses whose bucket is full
+    again are forgotten, so memory follows the addresses failing now.
+    """
+
+    def __init__(self, budget: int, window: float) -> None:
+        self.budget = budget
+        self.window = window
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, as of when)
+
+    def _level(self, key: str, now: float) -> float:
+        tokens, updated = self._buckets.get(key, (float(self.budget), now))
+        return min(float(self.budget), tokens + (now - updated) * self.budget / self.window)
+
+    def refusal(self, ip: str) -> Refusal | None:
+        """429 if this address has spent its budget of failed handshakes; None: go on."""
+        key = address_key(ip)
+        if key not in self._buckets:
+            return None
+        level = self._level(key, trio.current_time())
+        if level >= 1:
+            return None
+        wait = max(1, math.ceil((1 - level) * self.window / self.budget))
+        return Refusal(
+            429,
+            f"{key} failed {self.budget} handshakes within {self.window:g} s: retry in {wait} s",
+            retry_after=wait,
+        )
+
+    def failed(self, ip: str) -> None:
+        """Count a handshake refused 401/403 against this address's budget."""
+        key, now = address_key(ip), trio.current_time()
+        self._buckets[key] = (self._level(key, now) - 1, now)
+        if len(self._buckets) > 10_000:  # forget the addresses whose budget is whole again
+            self._buckets = {
+                k: (tokens, at)
+                for k, (tokens, at) in self._buckets.items()
+                if self._level(k, now) < self.budget
+            }
+
+
+def address_key(ip: str) -> str:
+    """The address per-address limits count: an IPv4 address as it is, an IPv6 address's /64
+    (as `2001:db8::/64`); an IPv4-mapped IPv6 address as the IPv4 address it is."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip  # not an address (a unix socket's peer): counted as given
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
 
 
 def client_ip(peer: str, forwarded_for: str | None, trusted_proxies: Iterable[str]) -> str:

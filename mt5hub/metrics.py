@@ -196,5 +196,12 @@ class Metrics:
             registry=r,
         )
 
+        self.task_errors = Counter(
+            "mt5hub_task_errors",
+            "Unexpected errors of a background task (state saver, backplane), each retried",
+            ["task"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

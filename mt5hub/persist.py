@@ -1,13 +1,21 @@
-"""The latest state of every table, kept in one JSON file so that a restarted hub is not empty.
+"""The latest state of every table, kept in a JSON file so that a restarted hub is not empty.
 
 A dashboard that reconnects after a hub restart (deploy, crash, reboot) should find every table
 as it was, offline until its EA publishes again, rather than a blank page. The hub keeps its
 tables in memory (`Hub`, which does no file I/O); `StateStore` writes them to a file from a task
 of its own and reads them back at startup.
 
-- Writes are atomic: a temporary file in the same directory, flushed and fsynced, then
-  `os.replace` and an fsync of the directory. A crash at any point leaves the old file or the
-  new one, never half of one.
+- The cost of a save follows what changed, not the size of the state: the file (the base)
+  holds every table as of its writing, and each save after it appends only the tables changed
+  since to a log beside it (`<state_file>.log`, one JSON entry a line, fsynced). Once the log
+  has grown past the base (and `COMPACT_BYTES`), the next save writes a new base and an empty
+  log (a compaction): what is written stays within about twice what changed. A process's first
+  save is a compaction too.
+- A base is written atomically: a temporary file in the same directory, flushed and fsynced,
+  then `os.replace` and an fsync of the directory. A crash at any point leaves the old file or
+  the new one, never half of one. The base names its log (a random `log` id that the log's
+  first line repeats), so a log left from an older base is ignored; a line cut off by a crash is
+  skipped; an append that fails is cut off again (and the next save compacts).
 - Writes happen in a worker thread (never on the event loop), at most once per `interval`, and
   only when an update was applied since the last write; plus one final write on shutdown,
   bounded in time so that a hung disk cannot hold up the exit.
@@ -23,6 +31,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -32,11 +41,13 @@ from typing import Any
 
 import trio
 
-from .hub import Hub, SavedTable, encode
+from .hub import Hub, SavedTable, TableId, encode
 
 log = logging.getLogger("mt5hub")
 
 FORMAT = "mt5hub-state"
+LOG_FORMAT = "mt5hub-state-log"
+COMPACT_BYTES = 1024 * 1024  # a log grows past this and past its base before a compaction
 VERSION = 1  # bump when the layout changes; a hub refuses files of versions it does not know
 FINAL_SAVE_TIMEOUT = 1.0  # seconds the shutdown waits for the last write (graceful_timeout is 2)
 
@@ -73,10 +84,20 @@ class StateStore:
         self._lock = trio.Lock()  # one save at a time from this event loop
         self._saved_changes = 0  # Hub.changes as of the last successful save
         self._failing = False  # a save failed and nothing has been saved since: log once
+        self.problem = ""  # why the last save failed, while saves fail (for /healthz)
         # Writes abandoned by a cancelled caller may still run in their thread: this lock and
         # the newest generation written keep an older snapshot from replacing a newer one.
         self._write_lock = threading.Lock()
         self._written = 0
+        self._saved: dict[TableId, tuple[int, str]] = {}  # (seq, clientId) on disk, per table
+        self._log_id: str | None = None  # the log that appends go to; None: compact next
+        self._base_bytes = 0
+        self._log_bytes = 0
+
+    @property
+    def log_path(self) -> Path:
+        """The append log beside the base file."""
+        return self.path.with_name(self.path.name + ".log")
 
     # -- startup ------------------------------------------------------------------------------
 
@@ -133,10 +154,45 @@ class StateStore:
                 len(entries),
                 bad[0],
             )
+        if isinstance(log_id := document.get("log"), str):
+            tables = self._with_log(tables, log_id)
         log.info(
             "state file %s: restoring %d tables (offline until published)", self.path, len(tables)
         )
         return tables
+
+    def _with_log(self, tables: list[SavedTable], log_id: str) -> list[SavedTable]:
+        """These tables of the base, updated by the entries of its log (the higher seq wins)."""
+        try:
+            raw = self.log_path.read_bytes()
+        except OSError:
+            return tables  # no log yet (a crash right after the base), or unreadable: the base
+        lines = raw.split(b"\n")
+        try:
+            header = json.loads(lines[0])
+        except (ValueError, RecursionError):
+            header = None
+        if not isinstance(header, dict) or header.get("format") != LOG_FORMAT:
+            log.warning("state log %s: not an mt5hub state log; ignored", self.log_path)
+            return tables
+        if header.get("base") != log_id:
+            return tables  # a log of an older base, whose changes the base holds
+        latest = {t.table: t for t in tables}
+        bad = 0
+        for line in lines[1:]:
+            if not line:
+                continue
+            try:
+                entry = parse_entry(json.loads(line))
+            except (ValueError, RecursionError):  # BadEntry too; a line cut off by a crash
+                bad += 1
+                continue
+            held = latest.get(entry.table)
+            if held is None or entry.seq >= held.seq:
+                latest[entry.table] = entry
+        if bad:
+            log.warning("state log %s: skipped %d bad lines", self.log_path, bad)
+        return list(latest.values())
 
     def _set_aside(self, why: str, problem: str) -> None:
         """Move a file the hub cannot use out of the way (never overwrite it), and say so once."""
@@ -172,18 +228,31 @@ class StateStore:
             await self.save(hub)
 
     async def save(self, hub: Hub) -> bool:
-        """Write the hub's tables if an update was applied since the last save; False if failed.
+        """Write what changed since the last save, if anything did; False if the write failed.
 
-        A failure (disk full, permissions) is counted and logged once, and retried at the next
+        Appends the changed tables to the log, or compacts (see the module docstring). A
+        failure (disk full, permissions) is counted and logged once, and retried at the next
         interval: the hub serves on, only its restart would lose what was not saved.
         """
         async with self._lock:
             changes = hub.changes
             if changes == self._saved_changes:
                 return True
-            tables = hub.saved_tables()
+            saved = self._saved
+            changed = [
+                SavedTable(s.table, s.seq, s.client_id, s.update.text)
+                for s in hub.tables.values()
+                if s.update is not None and saved.get(s.table) != (s.seq, s.client_id)
+            ]
+            compact = (
+                self._log_id is None
+                or self._log_bytes > max(COMPACT_BYTES, self._base_bytes)
+                or not changed  # only possible after a restore: nothing to append
+            )
+            tables = hub.saved_tables() if compact else changed
+            write = self.write if compact else self.append
             try:
-                await self._in_thread(lambda: self.write(tables, changes))
+                await self._in_thread(lambda: write(tables, changes))
             except OSError as exc:
                 hub.metrics.state_save_errors.inc()
                 if not self._failing:
@@ -194,12 +263,16 @@ class StateStore:
                         self.interval,
                     )
                 self._failing = True
+                self.problem = f"cannot write {self.path}: {_describe(exc)}"
                 return False
             self._saved_changes = changes
+            for table in tables:
+                saved[table.table] = (table.seq, table.client_id)
             hub.metrics.state_saves.inc()
             if self._failing:
                 log.info("saved the tables to %s again", self.path)
                 self._failing = False
+                self.problem = ""
             return True
 
     async def final_save(self, hub: Hub, timeout: float = FINAL_SAVE_TIMEOUT) -> None:
@@ -225,37 +298,74 @@ class StateStore:
         with self._write_lock:
             if generation <= self._written:
                 return
-            body = self.dumps(tables)
-            directory = self.path.parent
-            fd, temporary = tempfile.mkstemp(
-                prefix=f".{self.path.name}.", suffix=".tmp", dir=directory
-            )
-            try:
-                with os.fdopen(fd, "wb") as file:
-                    file.write(body)
+            self._log_id = None  # until both files are in place, appends would go nowhere
+            log_id = secrets.token_hex(8)
+            body = self.dumps(tables, log_id)
+            header = encode({"format": LOG_FORMAT, "version": VERSION, "base": log_id}) + "\n"
+            self._replace(self.path, body)  # a log of the old base is now ignored
+            self._replace(self.log_path, header.encode())
+            self._written = generation
+            self._log_id, self._base_bytes, self._log_bytes = log_id, len(body), len(header)
+
+    def append(self, tables: Sequence[SavedTable], generation: int) -> None:
+        """Add these tables to the log (blocking: call it from a thread); see `write`.
+
+        An append that fails is cut off again where it began, and the next save compacts.
+        """
+        with self._write_lock:
+            if generation <= self._written:
+                return
+            log_id = self._log_id
+            if log_id is None:
+                raise OSError(errno.EIO, "no state log to append to")
+            lines = "".join(encode(_entry(t)) + "\n" for t in tables).encode()
+            self._log_id = None  # compact next, unless this append completes
+            with open(self.log_path, "ab") as file:
+                start = file.tell()
+                try:
+                    file.write(lines)
                     file.flush()
                     os.fsync(file.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
-            _fsync_directory(directory)  # the rename itself survives a power cut
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        file.truncate(start)
+                    raise
+                self._log_bytes = start + len(lines)
             self._written = generation
+            self._log_id = log_id
 
-    def dumps(self, tables: Sequence[SavedTable]) -> bytes:
-        entries = [
-            {"key": t.table[0], "src": t.table[1], "seq": t.seq, "clientId": t.client_id,
-             "update": t.text}
-            for t in tables
-        ]  # fmt: skip
-        document = {
+    def _replace(self, path: Path, body: bytes) -> None:
+        """Replace this file with `body`, atomically, and fsync it and its directory."""
+        directory = path.parent
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(body)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _fsync_directory(directory)  # the rename itself survives a power cut
+
+    def dumps(self, tables: Sequence[SavedTable], log_id: str | None = None) -> bytes:
+        document: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
             "saved": round(self._wall_clock(), 3),
-            "tables": entries,
+            "tables": [_entry(t) for t in tables],
         }
+        if log_id is not None:
+            document["log"] = log_id
         return encode(document).encode()
+
+
+def _entry(t: SavedTable) -> dict[str, Any]:
+    """One table as the base file and the log hold it."""
+    return {"key": t.table[0], "src": t.table[1], "seq": t.seq, "clientId": t.client_id,
+            "update": t.text}  # fmt: skip
 
 
 def parse_entry(entry: Any) -> SavedTable:

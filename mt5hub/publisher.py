@@ -21,33 +21,54 @@ PUBLISHER_OUTBOX = 64  # error frames and pings waiting to be sent; past that th
 
 
 class RateLimiter:
-    """A token bucket per connection, plus how long the peer has been over it without pause.
+    """Token buckets per connection, for frames and for bytes, plus how long the peer has been
+    over either without pause.
 
-    Frames over the bucket are dropped. A peer that stays over the limit (rejections less than a
-    second apart) for `flood_seconds` is flooding and gets disconnected.
+    Frames over a bucket are dropped before they are parsed. A peer that stays over the limit
+    (rejections less than a second apart) for `flood_seconds` is flooding and gets disconnected.
+    A frame larger than the byte burst passes only when the byte bucket is full (and empties it
+    below zero), so no frame the hub accepts at all is refused for its size alone.
     """
 
-    def __init__(self, rate: float, burst: int, flood_seconds: float) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        flood_seconds: float,
+        byte_rate: float = math.inf,
+        byte_burst: int = 0,
+    ) -> None:
         self.rate, self.burst, self.flood_seconds = rate, burst, flood_seconds
+        self.byte_rate, self.byte_burst = byte_rate, byte_burst
+        self.exceeded = f"{rate:g} frames/s"  # the limit the last refused frame was over
         self._tokens = float(burst)
+        self._bytes = float(byte_burst)
         self._updated = trio.current_time()
         self._streak_start = -math.inf
         self._last_reject = -math.inf
         self._last_notice = -math.inf
 
-    def allow(self) -> bool:
-        """True if this frame is within the limit; raises Flooding after a sustained flood."""
+    def allow(self, size: int = 0) -> bool:
+        """True if this frame (of `size` bytes) is within the limits; raises Flooding after a
+        sustained flood."""
         now = trio.current_time()
-        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        elapsed = now - self._updated
+        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+        if self.byte_rate < math.inf:
+            self._bytes = min(self.byte_burst, self._bytes + elapsed * self.byte_rate)
         self._updated = now
-        if self._tokens >= 1:
+        bytes_ok = self.byte_rate == math.inf or self._bytes >= min(size, self.byte_burst)
+        if self._tokens >= 1 and bytes_ok:
             self._tokens -= 1
+            if self.byte_rate < math.inf:
+                self._bytes -= size
             return True
+        self.exceeded = f"{self.rate:g} frames/s" if bytes_ok else f"{self.byte_rate:g} bytes/s"
         if now - self._last_reject > 1.0:
             self._streak_start = now
         self._last_reject = now
         if now - self._streak_start >= self.flood_seconds:
-            raise Flooding(f"over {self.rate:g} frames/s for {self.flood_seconds:g} s")
+            raise Flooding(f"over {self.exceeded} for {self.flood_seconds:g} s")
         return False
 
     def notice_due(self) -> bool:
@@ -79,7 +100,13 @@ class PublisherSession(Session):
         self.grant = grant
         self.decoder = decoder
         self.max_frame_bytes = max_frame_bytes
-        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst, settings.flood_seconds)
+        self.limiter = RateLimiter(
+            settings.rate_limit,
+            settings.rate_burst,
+            settings.flood_seconds,
+            settings.byte_rate,
+            settings.byte_burst,
+        )
 
     async def run(self) -> None:
         self.hub.publishers += 1
@@ -97,9 +124,9 @@ class PublisherSession(Session):
     def handle(self, message: str | bytes) -> None:
         if len(message) > self.max_frame_bytes:  # Hypercorn enforces it first; this is for tests
             raise FrameTooLarge(f"{len(message)} bytes")
-        if not self.limiter.allow():
+        if not self.limiter.allow(len(message)):
             if self.limiter.notice_due():
-                raise ProtocolError("rate_limited", f"over {self.settings.rate_limit:g} frames/s")
+                raise ProtocolError("rate_limited", f"over {self.limiter.exceeded}")
             self.hub.metrics.rejects.labels("rate_limited").inc()
             return
         obj = parse_json(message)

@@ -6,6 +6,7 @@ authenticates, adapts the websocket, and reports.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -20,13 +21,23 @@ from .auth import Authenticator, Refusal, bearer_token
 from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config
 from .hub import Backplane, Hub, LocalBackplane, encode
-from .limits import RETRY_AFTER, Limits, LogThrottle, client_ip, raise_open_files_limit
+from .limits import (
+    RETRY_AFTER,
+    FailedHandshakes,
+    Limits,
+    LogThrottle,
+    address_key,
+    client_ip,
+    raise_open_files_limit,
+)
+from .memory import Trimmer
 from .metrics import CONTENT_TYPE
 from .models import Decoder
 from .persist import StateStore
 from .publisher import PublisherSession
-from .server import QuartTransport, TrackConnections
+from .server import QuartTransport, TrackConnections, follow_parent, refuse_to_start
 from .server import install as install_adapter
+from .supervise import Supervisor
 from .viewer import ViewerSession
 
 log = logging.getLogger("mt5hub")
@@ -59,7 +70,7 @@ def _refuse(refusal: Refusal, reason: str, hub: Hub, ip: str, throttle: LogThrot
         content_type="application/json",
     )
     if refusal.status in (429, 503):
-        response.headers["Retry-After"] = str(RETRY_AFTER)
+        response.headers["Retry-After"] = str(refusal.retry_after or RETRY_AFTER)
     return response
 
 
@@ -103,7 +114,13 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             ttl=settings.backplane_ttl,
             timeout=settings.backplane_timeout,
         )
-    hub = Hub(viewer_buffer=settings.viewer_buffer, backplane=backplane)
+    hub = Hub(
+        viewer_buffer=settings.viewer_buffer,
+        backplane=backplane,
+        max_tables=settings.max_tables,
+        max_table_bytes=settings.max_table_bytes,
+        max_state_bytes=settings.max_state_bytes,
+    )
     # With a backplane the state lives in Redis: workers sharing one file would fight over it.
     store = (
         StateStore(settings.state_file, interval=settings.state_interval)
@@ -118,6 +135,12 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         max_publishers=settings.max_publishers,
     )
     throttle = LogThrottle()
+    failures = FailedHandshakes(settings.failed_handshakes, settings.failed_handshake_window)
+
+    def refuse_auth(refusal: Refusal, reason: str, ip: str) -> Response:
+        """401/403, counted against the address's budget of failed handshakes."""
+        failures.failed(ip)
+        return _refuse(refusal, reason, hub, ip, throttle)
 
     def peer_ip() -> str:
         return client_ip(
@@ -128,10 +151,20 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     started = time.monotonic()
     app.extensions["mt5hub"] = hub
+    # Background tasks run under it: their errors never end the lifespan (see supervise.py).
+    supervisor = Supervisor(hub.metrics)
 
     @app.before_serving
     async def startup() -> None:
         _setup_logging(settings.log_level)
+        follow_parent()
+        try:
+            await serve()
+        except Exception as exc:
+            refuse_to_start(str(exc))  # Hypercorn's exit status must say so (hardening.py, 7)
+            raise
+
+    async def serve() -> None:
         check_safe_to_serve(config)  # raising here makes Hypercorn exit with the reason
         # mt5hub/server: the Hypercorn adapter (fast paths, and the holes hostile clients reach
         # closed and counted), in place before the first connection is accepted.
@@ -139,6 +172,9 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             lambda role, code: hub.metrics.closes.labels(role, str(code)).inc(),
             config.max_frame_bytes,
             settings.asgi_only,
+            max_head_bytes=settings.max_head_bytes,
+            max_headers=settings.max_headers,
+            on_reject=lambda reason: hub.metrics.rejects.labels(reason).inc(),
         )
         wanted = settings.max_viewers + settings.max_publishers + 256  # + files, Redis, slack
         soft, hard = raise_open_files_limit(wanted)
@@ -153,13 +189,18 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         if store is not None:
             # Before serving, so the first viewer's snapshot holds the tables of the last run.
             hub.restore(await trio.to_thread.run_sync(store.load))
-            app.nursery.start_soon(store.run, hub)  # cancelled at shutdown, after final_save
+            # Cancelled at shutdown, before final_save.
+            app.nursery.start_soon(supervisor.run, "state saver", functools.partial(store.run, hub))
         elif settings.state_file and settings.backplane:
             log.info("state_file unused: with a backplane the latest state lives in Redis")
+        if settings.trim_memory:
+            trimmer = functools.partial(Trimmer().run, hub)
+            app.nursery.start_soon(supervisor.run, "memory trim", trimmer)
         if isinstance(backplane, RedisBackplane):
             # Lives in the lifespan nursery, cancelled at shutdown. Returns once the first
             # attempt to reach Redis is over, so the first viewer gets the shared snapshot.
-            await app.nursery.start(backplane.run, hub)
+            runner = functools.partial(backplane.run, hub)
+            await app.nursery.start(supervisor.run, "backplane", runner)
         log.info("mt5hub serving, config %s, binds %s", config.source, ", ".join(config.binds))
 
     @app.after_serving
@@ -175,8 +216,12 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     @app.get("/healthz")
     async def healthz() -> Any:
         bp = hub.backplane.status()
+        failing = dict(supervisor.failing)  # background tasks failing now, and their last error
+        if store is not None and store.problem:  # saves failing with OSError (disk full, say)
+            failing.setdefault("state saver", store.problem)
         return jsonify(
-            status="ok" if bp["connected"] else "degraded",
+            status="ok" if bp["connected"] and not failing else "degraded",
+            failing=failing,
             backplane=bp,
             server=app.extensions.get("mt5hub.server", "starting"),
             publishers=hub.publishers,
@@ -206,9 +251,11 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         ip = peer_ip()
         if websocket.http_version != "1.1":
             return _refuse(_HTTP2_WEBSOCKET, "http_version", hub, ip, throttle)
+        if (spent := failures.refusal(ip)) is not None:
+            return _refuse(spent, "too_many_failures", hub, address_key(ip), throttle)
         grant = auth.publisher(_token())
         if isinstance(grant, Refusal):
-            return _refuse(grant, "unauthorized", hub, ip, throttle)
+            return refuse_auth(grant, "unauthorized", ip)
         with limits.publisher() as full:
             if full is not None:
                 return _refuse(full, "hub_full", hub, ip, throttle)
@@ -222,17 +269,19 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     @app.websocket("/ws")
     async def viewer() -> Response | None:
+        ip = peer_ip()
         if websocket.http_version != "1.1":
-            return _refuse(_HTTP2_WEBSOCKET, "http_version", hub, peer_ip(), throttle)
+            return _refuse(_HTTP2_WEBSOCKET, "http_version", hub, ip, throttle)
+        if (spent := failures.refusal(ip)) is not None:
+            return _refuse(spent, "too_many_failures", hub, address_key(ip), throttle)
         refusal = auth.viewer(
             _token(),
             websocket.headers.get("Origin"),
             websocket.headers.get("Host"),
         )
-        ip = peer_ip()
         if refusal is not None:
             reason = "forbidden" if refusal.status == 403 else "unauthorized"
-            return _refuse(refusal, reason, hub, ip, throttle)
+            return refuse_auth(refusal, reason, ip)
         with limits.viewer(ip) as full:
             if full is not None:
                 reason = "too_many_from_ip" if full.status == 429 else "hub_full"

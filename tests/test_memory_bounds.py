@@ -74,7 +74,13 @@ async def test_a_viewer_reading_a_large_snapshot_slowly_but_steadily_is_not_cut_
     the socket takes something all along, so the viewer gets all of it; one that takes nothing
     at all is still cut off (tests/test_hub_server.py)."""
     hub: RunningHub = hub_factory(
-        slow_viewer_timeout=1.0, max_rows=2000, rate_limit=1000, rate_burst=1000
+        slow_viewer_timeout=1.0,
+        max_rows=2000,
+        max_table_bytes=1 << 20,
+        rate_limit=1000,
+        rate_burst=1000,
+        byte_rate=1 << 30,
+        byte_burst=1 << 30,
     )
     tables = 10
     async with publisher(hub.ws_url) as pub:

@@ -46,8 +46,17 @@ def publish(
 
 
 def saved_seqs(path: Path) -> dict[tuple[str, str], int]:
-    """What the file on disk says, read as plain JSON (not through the code under test)."""
-    return {(t["key"], t["src"]): t["seq"] for t in json.loads(path.read_text())["tables"]}
+    """What the files on disk say, read as plain JSON (not through the code under test): the
+    base, then the entries of its log (`<file>.log`, when its first line names the base)."""
+    base = json.loads(path.read_text())
+    seqs = {(t["key"], t["src"]): t["seq"] for t in base["tables"]}
+    log = path.with_name(path.name + ".log")
+    if "log" in base and log.exists():
+        header, *entries = log.read_text().splitlines()
+        if json.loads(header)["base"] == base["log"]:
+            for t in map(json.loads, entries):
+                seqs[(t["key"], t["src"])] = max(t["seq"], seqs.get((t["key"], t["src"]), 0))
+    return seqs
 
 
 def samples(hub: Hub, name: str) -> float:
@@ -152,33 +161,94 @@ async def test_a_table_the_hub_already_has_is_not_replaced_by_a_restored_one(
     assert (entry["seq"], entry["online"], entry["data"]) == (2, True, table_rows(value=3))
 
 
-async def test_a_save_that_fails_before_its_replace_leaves_the_previous_file_whole(
+async def test_a_save_that_fails_leaves_the_previous_state_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_log: pytest.LogCaptureFixture
 ) -> None:
     hub = Hub()
     store = StateStore(tmp_path / "state.json", in_thread=inline)
     publish(hub, value=1)
     assert await store.save(hub)
-    previous = store.path.read_bytes()
+    previous = store.path.read_bytes(), store.log_path.read_bytes()
 
-    def disk_full(src: object, dst: object) -> None:
+    def disk_full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(persist.os, "replace", disk_full)  # written and fsynced, then "crash"
+    # Written, then "disk full" at the fsync: first of an append to the log (cut off again), then
+    # of the compaction that follows a failed append (its temporary file removed, no replace).
+    monkeypatch.setattr(persist.os, "fsync", disk_full)
     for n in (2, 3):
         publish(hub, value=n)
         assert not await store.save(hub)
-    assert store.path.read_bytes() == previous
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary left
+    assert (store.path.read_bytes(), store.log_path.read_bytes()) == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.log"]
     assert [t.seq for t in StateStore(store.path).load()] == [1]
     assert samples(hub, "mt5hub_state_save_errors_total") == 2
+    assert "No space left on device" in store.problem  # /healthz says degraded, and why
     [warning] = lines(hub_log, logging.WARNING)  # once, however often it fails
     assert str(store.path) in warning and "No space left on device" in warning
 
     monkeypatch.undo()
     assert await store.save(hub)  # retried, and this time it works
-    assert saved_seqs(store.path) == {("EA1", "S1"): 3}
+    assert saved_seqs(store.path) == {("EA1", "S1"): 3} and store.problem == ""
     assert any("again" in line for line in lines(hub_log, logging.INFO))
+
+
+async def test_after_the_first_save_only_changed_tables_are_written_until_a_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = Hub()
+    for n in range(50):
+        publish(hub, key=f"EA{n}")
+    store = StateStore(tmp_path / "state.json", in_thread=inline)
+    assert await store.save(hub)  # the first save of a process: every table, in the base
+    base = store.path.read_bytes()
+    for value in range(2, 6):  # one table changes: each save appends that table alone
+        publish(hub, key="EA7", value=value)
+        before = store.log_path.stat().st_size
+        assert await store.save(hub)
+        added = store.log_path.read_text()[before:]
+        assert [json.loads(line)["key"] for line in added.splitlines()] == ["EA7"]
+    assert store.path.read_bytes() == base
+    assert saved_seqs(store.path)[("EA7", "S1")] == 5
+    restored = {t.table: t.seq for t in StateStore(store.path).load()}
+    assert len(restored) == 50 and restored[("EA7", "S1")] == 5
+
+    # Once the log is larger than the base (and COMPACT_BYTES), the next save compacts.
+    monkeypatch.setattr(persist, "COMPACT_BYTES", 0)
+    while store.log_path.stat().st_size <= len(base):
+        publish(hub, key="EA7", value=1)
+        assert await store.save(hub)
+    publish(hub, key="EA8", value=9)
+    assert await store.save(hub)
+    assert store.path.read_bytes() != base
+    assert len(store.log_path.read_text().splitlines()) == 1  # the header of an empty log
+    assert {t.table: t.seq for t in StateStore(store.path).load()} == saved_seqs(store.path)
+
+
+async def test_a_log_line_cut_off_by_a_crash_and_a_log_of_an_older_base_are_ignored(
+    tmp_path: Path,
+) -> None:
+    hub = Hub()
+    publish(hub, key="A")
+    store = StateStore(tmp_path / "state.json", in_thread=inline)
+    assert await store.save(hub)
+    publish(hub, key="A", value=2)
+    assert await store.save(hub)
+    with open(store.log_path, "ab") as log:
+        log.write(b'{"key":"A","src":"S1","seq":3,"clientId":"EA1_1","upd')  # killed mid-write
+    assert {t.table: t.seq for t in StateStore(store.path).load()} == {("A", "S1"): 2}
+
+    # A log whose first line names another base (a crash between a compaction's base and its
+    # new log, say) is not read: here, another store's log, with a table of its own.
+    other_hub, other = Hub(), StateStore(tmp_path / "other" / "state.json", in_thread=inline)
+    other.path.parent.mkdir()
+    publish(other_hub, key="C")
+    assert await other.save(other_hub)
+    publish(other_hub, key="C", value=2)
+    assert await other.save(other_hub)
+    assert saved_seqs(other.path) == {("C", "S1"): 2}
+    store.log_path.write_bytes(other.log_path.read_bytes())
+    assert {t.table: t.seq for t in StateStore(store.path).load()} == {("A", "S1"): 1}
 
 
 async def test_the_temporary_file_of_a_write_killed_before_its_replace_is_ignored_and_removed(

@@ -20,6 +20,10 @@ viewer's latest state; intermediate updates of that window may be skipped, as wi
 
 Needs a single Redis server (scripts touch keys of other hubs, so not Redis Cluster).
 
+Deployments sharing one Redis are kept apart by `backplane_prefix`, and by the URL's database
+number too: keys live in their database, and the channel, which pub/sub shares across every
+database of a server, is `<prefix>:db<n>:events` for a database n other than 0.
+
     records.py   the format of the channel's messages (Lua writes it, Python reads it)
     scripts.py   the Lua scripts (lua/*.lua), read when a backplane is made
     redis.py     RedisBackplane: Outbound, Membership, and the connection's life
@@ -33,6 +37,7 @@ from .redis import (
     RedisBackplane,
     _redact,
     is_outage,
+    redis_database,
 )
 
 __all__ = [
@@ -43,5 +48,6 @@ __all__ = [
     "_redact",
     "is_outage",
     "parse_table",
+    "redis_database",
     "table_field",
 ]

@@ -57,6 +57,12 @@ class Backoff:
         self._attempt = 0
 
 
+def redis_database(url: str) -> int:
+    """The database number a Redis URL selects (`/3` or `?db=3`), as coredis reads it; 0 if none."""
+    kwargs = coredis.Redis.from_url(url).connection_pool.connection_kwargs
+    return int(kwargs.get("db") or 0)
+
+
 def is_outage(exc: BaseException) -> bool:
     """True if this (maybe grouped) error only says Redis is unreachable, slow or refusing."""
     if isinstance(exc, BaseExceptionGroup):
@@ -67,13 +73,20 @@ def is_outage(exc: BaseException) -> bool:
 
 @attrs.frozen
 class Names:
-    """The Redis keys and channel of one deployment (`prefix`), and this hub's own."""
+    """The Redis keys and channel of one deployment (`prefix`), and this hub's own.
+
+    Keys live in the URL's database; the channel, which pub/sub shares across every database of
+    a server, carries its number (`<prefix>:db<n>:events`; database 0 keeps `<prefix>:events`).
+    """
 
     prefix: str
     worker: str
+    database: int = 0
 
     @property
     def channel(self) -> str:
+        if self.database:
+            return f"{self.prefix}:db{self.database}:events"
         return f"{self.prefix}:events"
 
     @property
@@ -270,7 +283,7 @@ class RedisBackplane:
         self.url = url
         self.heartbeat, self.ttl, self.timeout = heartbeat, ttl, timeout
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
-        self.names = Names(prefix, self.worker)
+        self.names = Names(prefix, self.worker, redis_database(url))
         self.channel = self.names.channel
         lua = scripts.load()
         self.outbound = Outbound(self.names, lua.write_batch)

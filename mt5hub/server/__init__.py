@@ -25,6 +25,7 @@ from importlib.metadata import version
 
 from ..errors import ConfigError
 from . import _hardening
+from ._hardening import follow_parent, refuse_to_start
 from ._transport import LINK, Link, QuartTransport, TrackConnections, _Adapter, direct, wire
 
 __all__ = [
@@ -34,7 +35,9 @@ __all__ = [
     "QuartTransport",
     "TrackConnections",
     "direct",
+    "follow_parent",
     "install",
+    "refuse_to_start",
     "wire",
 ]
 
@@ -48,12 +51,24 @@ OFF_WITHOUT_ADAPTER = (
     "aborting a socket stuck in a send (a stalled viewer holds its task until the peer leaves)",
     "shutdown's 1001 to every connection at once",
     "the hardening of Hypercorn's WebSocket stream (bytes before the handshake, refused "
-    "handshakes left open, memory after a 1009, silent drops on bad frames, deflate bombs)",
+    "handshakes left open, memory after a 1009, silent drops on bad frames, deflate bombs, "
+    "request heads bounded whatever the reads)",
 )
 
 
-def install(on_close: Callable[[str, int], None], max_message: int, asgi_only: bool) -> str:
+def install(
+    on_close: Callable[[str, int], None],
+    max_message: int,
+    asgi_only: bool,
+    *,
+    max_head_bytes: int = 16 * 1024,
+    max_headers: int = 100,
+    on_reject: Callable[[str], None] | None = None,
+) -> str:
     """Put the adapter in place for this process; "direct", or "asgi" if allowed to go without.
+
+    `on_close(role, code)` and `on_reject(reason)` count what the adapter closes and refuses;
+    `max_message` bounds a message (1009), `max_head_bytes` and `max_headers` a request head (431).
 
     Raises ConfigError (the hub refuses to start) when the internals it needs are missing and
     `asgi_only` is not set.
@@ -82,6 +97,12 @@ def install(on_close: Callable[[str, int], None], max_message: int, asgi_only: b
         return "asgi"
     if versions != wanted:
         log.warning("adapter on untested versions: %s (tested: %s)", versions, wanted)
-    _hardening.install(on_close, max_message)
+    _hardening.install(
+        on_close,
+        max_message,
+        max_head_bytes=max_head_bytes,
+        max_headers=max_headers,
+        on_reject=on_reject,
+    )
     _Adapter.direct = True
     return "direct"

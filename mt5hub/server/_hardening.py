@@ -24,30 +24,54 @@
    wsproto inflated each read of the socket whole, before any size check. 64 MiB of one byte
    deflate to 64 KiB: one frame cost the hub 190 MiB.
 
-`install()` (called by mt5hub.server.install when the app starts serving) lets no cancellation stop
-a connection's close or its idle timer (0), wraps `WSStream.handle` (1, 2) and replaces
+6. A request head is bounded by h11 only while it is incomplete (h11_max_incomplete_size): a
+   head of 10,000 headers in 48 KB that arrived in one read was parsed whole (tens of ms of the
+   loop) and upgraded, the same head in two reads got 431. `_bounded_heads` counts the bytes and
+   lines of each head as they arrive, whatever the reads, and answers 431 past `max_head_bytes`
+   or `max_headers` before h11 parses any of it.
+
+7. With workers >= 1, Hypercorn's parent process exits 0 when the app refuses to start in a
+   worker: `hypercorn.run.run` takes the worker's exit status from `_join_exited`, then calls it
+   again on the (now empty) list of workers and keeps that 0 (pgjones/hypercorn#269, #372). The
+   parent never loads the app, so no patch can reach it: `refuse_to_start` (called by the app's
+   startup hook) ends it with SIGUSR1, which it does not handle, so that its status is a failure
+   (killed by SIGUSR1: systemd's Restart=on-failure acts); `follow_parent` makes every worker
+   end with its parent, so that none is left serving alone.
+
+`install()` (called by mt5hub.server.install when the app starts serving) lets no cancellation
+stop a connection's close or its idle timer (0), wraps `WSStream.handle` (1, 2) and replaces
 `WSStream._handle_events` with Hypercorn's own but for 3 and 4: early bytes get a 400 before
-anything else can answer, and the connection ends; a refused handshake's connection ends; after a
-1009 the rest of the message is read and dropped (memory stays at the limit) and the connection
-ends when the peer answers the close, or CLOSE_GRACE later; a frame wsproto refuses is answered
-with its close code; a compressed message is inflated at most `max_message` bytes at a time (5). 1,
-3, 4 and 5 are a log line each. The same handler also hands each whole message, and each pong, to
-the connection's Link (`Link.feed`, `Link.pong`) at once, instead of through Hypercorn's and
-Quart's queues (one message per turn of the scheduler each). A read that is exactly one answer to
-the hub's own ping skips wsproto's parser (`_lone_pong`). Like `_transport`, this relies on
-Hypercorn's internals (pinned in pyproject.toml); tests/test_hostile.py shows each on real sockets.
+anything else can answer, and the connection ends; a refused handshake's connection ends; after
+a 1009 the rest of the message is read and dropped (memory stays at the limit) and the
+connection ends when the peer answers the close, or CLOSE_GRACE later; a frame wsproto refuses
+is answered with its close code; a compressed message is inflated at most `max_message` bytes at
+a time (5); request heads are bounded (6). 1, 3, 4, 5 and 6 are a log line each. The same handler
+also hands each whole message, and each pong, to the connection's Link (`Link.feed`,
+`Link.pong`) at once, instead of through Hypercorn's and Quart's queues (one message per turn of
+the scheduler each). A read that is exactly one answer to the hub's own ping skips wsproto's
+parser (`_lone_pong`). Like `_transport`, this relies on Hypercorn's internals (pinned in
+pyproject.toml); tests/test_hostile_*.py show each on real sockets,
+tests/test_server_adapter.py event by event.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import inspect
 import logging
+import multiprocessing
+import os
+import re
+import signal
 import zlib
 from collections.abc import Callable
 from typing import Any
 
+import h11
 import trio
-from hypercorn.events import RawData
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol import h11 as h11_protocol
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Body, Data, Request, StreamClosed
 from hypercorn.trio import tcp_server
@@ -57,6 +81,7 @@ from wsproto.events import CloseConnection, Message, Ping, Pong
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 
+from ..limits import LogThrottle
 from ._transport import LINK
 
 log = logging.getLogger("mt5hub")
@@ -66,13 +91,22 @@ _DISCARDING = "_mt5hub_discarding"  # set on a WSStream once it has refused a me
 _ROLES = {"/ws/dll": "publisher", "/ws": "viewer"}
 _on_close: Callable[[str, int], None] | None = None  # counts closes by (role, code) in metrics
 _max_inflated = 1024 * 1024  # bytes one inflation may produce: the message limit
+_max_head_bytes = 16 * 1024  # a request head's bytes (request line and headers), at most
+_max_headers = 100  # a request head's header lines, at most
+_on_reject: Callable[[str], None] | None = None  # counts refused request heads in metrics
+_HEAD = "_mt5hub_head"  # on an H11Protocol: (bytes, lines, last bytes) of the head so far
+_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a head, as h11 finds it
+_head_lines = LogThrottle()
 
 
 def missing() -> list[str]:
     """The internals of Hypercorn and wsproto this module needs and cannot find (none: [])."""
     stream: Any = getattr(ws_stream, "WSStream", None)
     server: Any = getattr(tcp_server, "TCPServer", None)
+    protocol: Any = getattr(h11_protocol, "H11Protocol", None)
     wanted = {
+        "hypercorn H11Protocol.handle": hasattr(protocol, "handle"),
+        "hypercorn H11Protocol._send_error_response": hasattr(protocol, "_send_error_response"),
         "hypercorn TCPServer.protocol_send": hasattr(server, "protocol_send"),
         "hypercorn TCPServer.send_lock/stream": "send_lock" in _init_names(server),
         "hypercorn WSStream.handle": hasattr(stream, "handle"),
@@ -97,17 +131,28 @@ def _init_names(cls: Any) -> str:
         return ""
 
 
-def install(on_close: Callable[[str, int], None], max_message: int) -> None:
+def install(
+    on_close: Callable[[str, int], None],
+    max_message: int,
+    *,
+    max_head_bytes: int = 16 * 1024,
+    max_headers: int = 100,
+    on_reject: Callable[[str], None] | None = None,
+) -> None:
     """Patch Hypercorn (once per process; `missing()` must be empty).
 
     `on_close(role, code)` is told of every connection closed here, for the metrics;
-    `max_message` is websocket_max_message_size, the most one inflation may produce.
+    `max_message` is websocket_max_message_size, the most one inflation may produce;
+    `max_head_bytes` and `max_headers` bound a request head (431), and `on_reject(reason)` is
+    told of each head refused.
     """
-    global _on_close, _max_inflated
+    global _on_close, _max_inflated, _max_head_bytes, _max_headers, _on_reject
     _on_close = on_close
     _max_inflated = max_message
+    _max_head_bytes, _max_headers, _on_reject = max_head_bytes, max_headers, on_reject
     stream: Any = ws_stream.WSStream
     server: Any = tcp_server.TCPServer
+    protocol: Any = h11_protocol.H11Protocol
     if getattr(stream, "_mt5hub_guarded", False):
         return
     server.protocol_send = _shield_all_but_data(server.protocol_send)
@@ -126,8 +171,109 @@ def install(on_close: Callable[[str, int], None], max_message: int) -> None:
 
     stream.handle = handle
     stream._handle_events = _handle_events
+    protocol.handle = _bounded_heads(protocol.handle)
     PerMessageDeflate.frame_inbound_payload_data = _bounded_inflate  # type: ignore[method-assign]
     stream._mt5hub_guarded = True
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _prctl_deathsig(sig: int) -> bool:
+    """Ask Linux to send this process `sig` when its parent ends (0: not any more)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0)
+    except (OSError, AttributeError):  # not Linux
+        return False
+
+
+def _hypercorn_parent() -> int | None:
+    """The pid of Hypercorn's parent process if this is one of its workers (else None)."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None or os.getppid() != parent.pid:
+        return None
+    return parent.pid
+
+
+def follow_parent() -> None:
+    """A worker ends (SIGTERM) when Hypercorn's parent process does, whatever ended it."""
+    if _hypercorn_parent() is not None:
+        _prctl_deathsig(signal.SIGTERM)
+
+
+def refuse_to_start(reason: str) -> None:
+    """The app will not start: make Hypercorn's exit status a failure (see 7 above).
+
+    In a worker, Hypercorn's parent is ended with SIGUSR1 (its siblings follow it, see
+    `follow_parent`); this worker then exits as Hypercorn lets it, its traceback logged. Without
+    workers (workers = 0) Hypercorn's own process fails, with status 1: nothing to do.
+    """
+    parent = _hypercorn_parent()
+    if parent is None:
+        return
+    _prctl_deathsig(0)  # this worker lives on to log the traceback and exit by itself
+    log.error(
+        "refusing to start: %s; stopping Hypercorn (pid %s) with SIGUSR1, so that its exit "
+        "status says so",
+        reason,
+        parent,
+    )
+    os.kill(parent, signal.SIGUSR1)
+
+
+def _bounded_heads(handle: Any) -> Any:
+    """H11Protocol.handle, but each request head counted as it arrives (see 6 above)."""
+
+    async def bounded(self: Any, event: Any) -> None:
+        if isinstance(event, RawData) and isinstance(self.connection, h11.Connection):
+            problem = _head_problem(self, event.data)
+            if problem is not None:
+                await _refuse_head(self, problem)
+                return
+        await handle(self, event)
+
+    return bounded
+
+
+def _head_problem(protocol: Any, data: bytes) -> str | None:
+    """What is wrong with the head these bytes continue, if anything (None: carry on).
+
+    Counts the bytes and line ends of the head so far, keeping only its last two bytes to find
+    a blank line split across reads. Whatever follows a head's end (the next request of a
+    pipelining client) begins the next head: the hub serves no request bodies.
+    """
+    size, lines, tail = getattr(protocol, _HEAD, (0, 0, b""))
+    buffer = tail + data
+    start = 0
+    while (end := _HEAD_END.search(buffer, start)) is not None:
+        size += max(0, end.start() + 1 - max(start, len(tail)))
+        lines += buffer.count(b"\n", max(start, len(tail)), end.start() + 1)
+        if size > _max_head_bytes or lines > _max_headers + 1:
+            break
+        size, lines, start = 0, 0, end.end()
+    else:
+        rest = max(start, len(tail))
+        size += len(buffer) - rest
+        lines += buffer.count(b"\n", rest)
+        setattr(protocol, _HEAD, (size, lines, buffer[max(start, len(buffer) - 2) :]))
+    if size > _max_head_bytes:
+        return f"a request head over max_head_bytes ({_max_head_bytes} bytes)"
+    if lines > _max_headers + 1:  # the request line, then the headers
+        return f"a request head of more than max_headers ({_max_headers} header lines)"
+    return None
+
+
+async def _refuse_head(protocol: Any, problem: str) -> None:
+    """431, and hang up: nothing of the head reaches h11 or the app."""
+    client = protocol.client[0] if protocol.client else "?"
+    _head_lines.warning(problem, str(client), "refused a request from %s: 431 %s", client, problem)
+    if _on_reject is not None:
+        _on_reject("head_too_large")
+    connection = protocol.connection
+    if connection.our_state in {h11.IDLE, h11.SEND_RESPONSE} and protocol.stream is None:
+        await protocol._send_error_response(431)
+    await protocol.send(Closed())
 
 
 def _lone_pong(stream: Any, data: bytes) -> bytes | None:
