@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
@@ -45,7 +45,8 @@ class _State(Generic[T]):
     max_unslotted: float
     conflate_from: int
     slot_of: Callable[[T], Slot | None]
-    pending: dict[int, tuple[Slot | None, T]] = attrs.Factory(dict)  # in order of arrival
+    # In order of arrival; keyed by slot when always conflating, else by a serial number.
+    pending: dict[Any, tuple[Slot | None, T]] = attrs.Factory(dict)
     newest: dict[Slot, int] = attrs.Factory(dict)  # slot -> key of its newest waiting item
     unslotted: int = 0
     serial: int = 0
@@ -85,19 +86,27 @@ class ConflatingSendChannel(Generic[T]):
         if state.receive_closed:
             raise trio.BrokenResourceError
         slot = state.slot_of(value)
+        pending = state.pending
         if slot is None:
             if state.unslotted >= state.max_unslotted:
                 raise trio.WouldBlock
             state.unslotted += 1
-        else:
-            key = state.newest.get(slot)
-            if key is not None and len(state.pending) >= state.conflate_from:
-                state.pending[key] = (slot, value)  # its place in line is kept
+            state.serial += 1
+            pending[state.serial] = (None, value)
+        elif state.conflate_from == 0:  # always conflating: the slot is the key (a dict op)
+            if slot in pending:
+                pending[slot] = (slot, value)  # its place in line is kept
                 state.conflated += 1
                 return True
-        state.serial += 1
-        state.pending[state.serial] = (slot, value)
-        if slot is not None:
+            pending[slot] = (slot, value)
+        else:  # a queue until conflate_from wait: the newest item of each slot is remembered
+            key = state.newest.get(slot)
+            if key is not None and len(pending) >= state.conflate_from:
+                pending[key] = (slot, value)
+                state.conflated += 1
+                return True
+            state.serial += 1
+            pending[state.serial] = (slot, value)
             state.newest[slot] = state.serial
         if state.lot:
             state.lot.unpark()
@@ -140,7 +149,7 @@ class ConflatingReceiveChannel(Generic[T]):
         slot, value = state.pending.pop(key)
         if slot is None:
             state.unslotted -= 1
-        elif state.newest.get(slot) == key:
+        elif state.conflate_from and state.newest.get(slot) == key:
             del state.newest[slot]
         return value
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import time
 from bisect import bisect_left
 from collections import OrderedDict
@@ -58,8 +59,7 @@ class Frame:
     deflated: dict[int, bytes] | None = None
 
 
-def frame_slot(frame: Frame) -> object:
-    return frame.slot
+frame_slot = operator.attrgetter("slot")  # what a frame may replace in a conflating channel
 
 
 class Subscriber(Protocol):
@@ -96,6 +96,10 @@ class Inbox:
 
     def __len__(self) -> int:
         return len(self.receive)
+
+    def waiting(self) -> bool:
+        """Whether anything waits to be taken."""
+        return len(self.receive) > 0
 
 
 @attrs.define(eq=False)

@@ -54,10 +54,10 @@ class ViewerSession(Session):
 
     def _idle(self) -> bool:
         return (
-            not len(self.outbox)
-            and not self._holding
+            not self._holding
             and self.sending_since is None
             and self.error is None
+            and not self.outbox.waiting()
             and not self.flow.behind(trio.current_time())
         )
 
