@@ -18,10 +18,11 @@ class HubError(Exception):
 class ProtocolError(HubError):
     """A frame the hub did not accept: answered with an error frame, connection stays up."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, **fields: float) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+        self.fields = fields  # numbers a client can act on, sent in the error frame
 
 
 class FrameTooLarge(HubError):

@@ -277,7 +277,7 @@ class Session:
         except ProtocolError as exc:
             self.hub.metrics.rejects.labels(exc.code).inc()
             self._log_refusal(exc)
-            error = {"type": "error", "code": exc.code, "detail": exc.detail}
+            error = {"type": "error", "code": exc.code, "detail": exc.detail, **exc.fields}
             self.outbox.put(Frame(encode(error)))
         except HubError as exc:
             self.fail(exc)
@@ -505,7 +505,12 @@ class PublisherSession(Session):
             raise FrameTooLarge(f"{len(frame)} bytes")
         if not self.limiter.allow():
             if self.limiter.notice_due():
-                raise ProtocolError("rate_limited", f"over {self.settings.rate_limit:g} frames/s")
+                raise ProtocolError(
+                    "rate_limited",
+                    f"over {self.settings.rate_limit:g} frames/s",
+                    limit=self.settings.rate_limit,  # so that a client can slow down to it
+                    burst=self.settings.rate_burst,
+                )
             self.hub.metrics.rejects.labels("rate_limited").inc()
             return
         obj = parse_json(frame)

@@ -8,10 +8,13 @@ timeouts; the only timing assertions are upper bounds on how long an exported ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import signal
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -32,8 +35,10 @@ MT5_DLL = ROOT / "mt5_dll"
 INSECURE_TLS = 1
 CONNECTING, CONNECTED, WAITING, REJECTED = 0, 1, 2, 3
 E_HANDLE, E_ARG, E_URL, E_JSON, E_NOT_TABLE, E_TOO_LARGE, E_FULL, E_LIMIT = range(-1, -9, -1)
+E_SYSTEM, E_INVALID = -9, -10
 QUEUED, COALESCED = 0, 1
 SENT, STAT_COALESCED, CONNECTS, HUB_ERRORS, ERRORS, TABLES, BYTES, PINGS = range(8)
+RETRY_MS, SEND_RATE, RESENT = 8, 9, 10
 MAX_HANDLES, MAX_TABLES, MAX_MESSAGE = 64, 512, 1024 * 1024
 
 # An exported call must never wait on the network; under Wine, on a busy CI machine, a call that
@@ -163,6 +168,13 @@ class DllTest:
 
     def threads(self) -> int:
         return self.ints("threads")[0]
+
+    def lease(self, handle: int, seconds: int) -> int:
+        return self.ints("lease", handle, seconds)[0]
+
+    def error_text(self, code: int) -> str:
+        """The DLL's own text for a Windows, Winsock or WinHTTP error code."""
+        return self.call("errtext", code)
 
     def wait_state(self, handle: int, state: int, timeout: float = 20.0) -> None:
         wait_until(
@@ -351,17 +363,22 @@ def test_publishes_over_ws_and_wss_with_non_ascii_intact(hub: RunningHub, dll: D
             assert dll.status(handle) == (CONNECTED, 0)
             assert dll.stat(handle, CONNECTS) == 1
 
-        # Valid JSON that is not a valid publish gets through the DLL; the hub's error frame shows
-        # up as the last error, and the link stays up.
+        # A publish the hub would refuse is refused by the DLL at once, never queued.
         bad = table("EA1", "bad")
         bad["data"][0]["sum"] = "not a number"
-        assert dll.send(plain, bad)[0] == QUEUED
+        assert dll.send(plain, bad)[0] == E_INVALID
+        assert "$.data[0].sum: expected a finite number" in dll.last_error(plain)[1]
+        # One only the hub can refuse (its max_rows, 500 by default, is its own setting) gets
+        # through; the hub's error frame shows up as the last error, and the link stays up.
+        long = table("EA1", "long")
+        long["data"] = long["data"] * 501
+        assert dll.send(plain, long)[0] == QUEUED
         wait_until(lambda: dll.stat(plain, HUB_ERRORS) == 1, "the hub's error frame")
         length, text = dll.last_error(plain)
-        assert text.startswith("hub error bad_schema: $.data[0].sum"), text
+        assert text.startswith("hub error bad_schema: $.data: at most 500 rows"), text
         assert length == len(text)
         assert dll.status(plain)[0] == CONNECTED and dll.stat(plain, CONNECTS) == 1
-        assert ("EA1", "bad") not in viewer.tables
+        assert ("EA1", "long") not in viewer.tables
 
 
 def test_wss_certificate_is_verified_unless_told_otherwise(hub: RunningHub, dll: DllTest) -> None:
@@ -539,14 +556,16 @@ def test_send_checks_its_input_and_the_store_is_bounded(dll: DllTest) -> None:
         '{"key":"EA1","src":"a","x":' + "[" * 65 + "]" * 65 + "}",  # nested deeper than 64
     ):
         assert dll.send(handle, bad_json)[0] == E_JSON, bad_json
-    deep = '{"key":"EA1","src":"deep","x":' + "[" * 60 + "-0.5e3" + "]" * 60 + "}"
+    head = '{"key":"EA1","src":"deep","clientId":"c","data":[],'
+    deep = head + '"x":' + "[" * 60 + "-0.5e3" + "]" * 60 + "}"
     assert dll.send(handle, deep)[0] == QUEUED
 
     # Escapes name the same table as the plain text does, surrogate pairs included.
     assert dll.send(handle, table("EA1", "ü"))[0] == QUEUED
-    assert dll.send(handle, '{"key":"EA\\u0031","src":"\\u00fc"}')[0] == COALESCED
+    rest = ',"clientId":"c","data":[]}'
+    assert dll.send(handle, '{"key":"EA\\u0031","src":"\\u00fc"' + rest)[0] == COALESCED
     assert dll.send(handle, table("🚀", "s"))[0] == QUEUED
-    assert dll.send(handle, '{"key":"\\ud83d\\ude80","src":"s"}')[0] == COALESCED
+    assert dll.send(handle, '{"key":"\\ud83d\\ude80","src":"s"' + rest)[0] == COALESCED
 
     # At most MAX_TABLES tables; a new table beyond that is refused, existing ones still update.
     rc, _, _ = dll.send_many(handle, MAX_TABLES - 3, table("EA1", "t$i"))
@@ -611,3 +630,231 @@ def test_close_flushes_and_stops_its_thread_then_the_dll_unloads(
             assert dll.close(handle)[0] == E_HANDLE
         # No thread holds the DLL any more: FreeLibrary really unloads it.
         assert dll.call("unload") == "unloaded"
+
+
+# ---- a hub that does not answer, a hub with a low rate limit, reconnects ---------------------
+
+
+class SilentServer:
+    """Accepts TCP connections and never says a word: a hung hub, or a port that is not one."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                self.accepted.append(self.listener.accept()[0])
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        for connection in self.accepted:
+            connection.close()
+        self._thread.join(5)
+
+
+def test_a_hub_that_accepts_but_never_answers_is_given_up_on(dll: DllTest) -> None:
+    """Wine's WinHTTP waits for an upgrade answer forever unless told otherwise."""
+    with SilentServer() as silent:
+        handles = [
+            dll.open(f"ws://127.0.0.1:{silent.port}/ws/dll", "t"),
+            dll.open(f"wss://127.0.0.1:{silent.port}/ws/dll", "t", INSECURE_TLS),
+        ]
+        for handle in handles:
+            wait_until(
+                lambda h=handle: "did not answer" in dll.last_error(h)[1],
+                "the DLL to give up on the silent server",
+                timeout=45,
+            )
+            assert dll.stat(handle, CONNECTS) == 0
+            assert dll.status(handle)[0] in (CONNECTING, WAITING)
+        assert "did not answer the WebSocket handshake within 10 s" in dll.last_error(handles[0])[1]
+        # Closed while a handshake may be waiting again: the threads still end, and the DLL
+        # unloads, within the handshake timeout rather than never.
+        for handle in handles:
+            assert dll.close(handle)[0] == 0
+        wait_until(lambda: dll.threads() == 0, "the DLL's threads to end", timeout=30)
+        assert len(silent.accepted) >= 2
+    assert dll.call("unload") == "unloaded"
+
+
+def test_a_hub_rate_limit_is_learned_and_every_latest_state_arrives(
+    hub_factory: Callable[..., RunningHub], dll: DllTest
+) -> None:
+    """28 tables at once into a hub that takes 10 frames/s (burst 10): the hub drops the excess,
+    says so with its limit, and the DLL slows down and sends what may have been dropped again."""
+    hub = hub_factory(rate_limit=10, rate_burst=10, state_file="")
+    with Viewer(hub) as viewer:
+        handle = dll.open(hub.ws_url + "/ws/dll", hub.token)
+        dll.wait_state(handle, CONNECTED)
+        assert dll.stat(handle, SEND_RATE) == 40 * 60
+        rc, _, _ = dll.send_many(handle, 28, table("EA1", "t$i", "$i"))
+        assert rc == QUEUED
+        viewer.wait_for(
+            lambda v: all(v.sum_of("EA1", f"t{i}") == i for i in range(1, 29)),
+            "the latest state of all 28 tables",
+            timeout=30,
+        )
+        assert dll.stat(handle, HUB_ERRORS) >= 1
+        assert dll.stat(handle, RESENT) >= 28 - 10
+        assert dll.stat(handle, SEND_RATE) == 10 * 60 * 0.9  # 90% of what the hub said
+        assert "hub error rate_limited" in dll.last_error(handle)[1]
+        # Slower now, it stays under the limit: 28 new states in a row are not dropped again.
+        errors = dll.stat(handle, HUB_ERRORS)
+        rc, _, _ = dll.send_many(handle, 28, table("EA1", "t$i", 100))
+        viewer.wait_for(
+            lambda v: all(v.sum_of("EA1", f"t{i}") == 100 for i in range(1, 29)),
+            "the second round of 28 states",
+            timeout=30,
+        )
+        assert dll.stat(handle, HUB_ERRORS) == errors
+        assert dll.stat(handle, CONNECTS) == 1  # never over the limit long enough to be cut off
+
+
+def test_reconnects_within_seconds_after_a_long_outage(
+    hub_factory: Callable[..., RunningHub], dll: DllTest
+) -> None:
+    hub = hub_factory()
+    handle = dll.open(hub.ws_url + "/ws/dll", hub.token)
+    dll.wait_state(handle, CONNECTED)
+    assert dll.stat(handle, RETRY_MS) == 0
+    hub.stop()
+    # Seven failed attempts: the delay doubles from 0.25-0.5 s and stops at 2-4 s (with jitter).
+    delays: set[int] = set()
+
+    def attempts_seen() -> bool:
+        delays.add(dll.stat(handle, RETRY_MS))
+        return dll.stat(handle, ERRORS) >= 8
+
+    wait_until(attempts_seen, "seven reconnect attempts", timeout=60)
+    delays.discard(0)
+    assert delays and max(delays) <= 4000, sorted(delays)
+    assert len([d for d in delays if d >= 2000]) >= 2, f"no jitter at the cap: {sorted(delays)}"
+    hub.start()
+    dll.wait_state(handle, CONNECTED, timeout=15)  # the next attempt, at most 4 s away
+    assert dll.stat(handle, RETRY_MS) == 0
+
+
+def test_windows_error_codes_get_plain_words(dll: DllTest) -> None:
+    for code, words in (
+        (10060, "the hub's address did not answer"),
+        (10061, "nothing listens on that port"),
+        (10054, "connection reset"),
+        (10065, "host unreachable"),
+        (11001, "host name not found"),
+        (12002, "timed out"),
+        (12029, "is the hub running"),
+        (12030, "connection reset or aborted"),
+        (12175, "certificate rejected"),
+    ):
+        text = dll.error_text(code)
+        assert words in text and text.endswith(f"({code})"), text
+    # Codes without words of ours get Windows' own text, never nothing.
+    assert dll.error_text(5).endswith("(5)") and len(dll.error_text(5)) > 4
+
+
+# ---- HTTP/1.1 only ---------------------------------------------------------------------------
+
+
+class RecordingServer:
+    """Reads one request head per connection and closes; over TLS it offers h2 first (ALPN)."""
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        self.context = context
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.heads: list[bytes] = []
+        self.alpn: list[str | None] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = self.listener.accept()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    conn = raw
+                    if self.context is not None:
+                        conn = self.context.wrap_socket(raw, server_side=True)
+                        self.alpn.append(conn.selected_alpn_protocol())
+                    conn.settimeout(10)
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                    self.heads.append(head)
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                raw.close()
+
+    def __enter__(self) -> RecordingServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        self._thread.join(5)
+
+
+def test_the_upgrade_is_http_1_1_even_where_h2_is_offered(
+    dll: DllTest, tmp_path: Path, ca: Any
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with RecordingServer() as plain, RecordingServer(context) as secure:
+        handles = [
+            dll.open(f"ws://127.0.0.1:{plain.port}/ws/dll", "t"),
+            dll.open(f"wss://127.0.0.1:{secure.port}/ws/dll", "t", INSECURE_TLS),
+        ]
+        wait_until(lambda: plain.heads and secure.heads, "a request on each server")
+        for handle in handles:
+            wait_until(lambda h=handle: "HTTP 404" in dll.last_error(h)[1], "the 404 to show")
+    assert secure.alpn[0] in (None, "http/1.1"), secure.alpn  # never h2
+    for head in (plain.heads[0], secure.heads[0]):
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0] == "GET /ws/dll HTTP/1.1", lines[0]
+        fields = {
+            name.lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines[1:] if ":" in line)
+        }
+        assert fields["upgrade"].lower() == "websocket"
+        assert "http2-settings" not in fields  # no h2c upgrade either
+
+
+# ---- the lease -------------------------------------------------------------------------------
+
+
+def test_a_handle_whose_ea_is_gone_is_closed_when_its_lease_runs_out(
+    hub: RunningHub, dll: DllTest
+) -> None:
+    with Viewer(hub) as viewer:
+        gone = dll.open(hub.ws_url + "/ws/dll", hub.token)
+        alive = dll.open(hub.ws_url + "/ws/dll", hub.token)
+        for handle, name in ((gone, "gone"), (alive, "alive")):
+            dll.wait_state(handle, CONNECTED)
+            assert dll.lease(handle, 2) == 0
+            assert dll.send(handle, table("EA1", name))[0] == QUEUED
+        assert dll.lease(gone, -1) == E_ARG
+        viewer.wait_for(lambda v: v.presence.get(("EA1", "gone")) is True, "gone online")
+
+        # Only `alive` is called from here on, as its EA's OnTimer would call Status.
+        def gone_offline() -> bool:
+            assert dll.status(alive)[0] == CONNECTED
+            return viewer.presence.get(("EA1", "gone")) is False
+
+        wait_until(gone_offline, "the handle nobody calls to go offline", timeout=30)
+        wait_until(lambda: dll.threads() == 2 and bool(dll.status(alive)), "its threads to end")
+        assert dll.status(gone) == (E_HANDLE, -1)
+        assert viewer.presence.get(("EA1", "alive")) is True
+        assert dll.lease(alive, 0) == 0  # no lease: as before leases existed
+        assert dll.close(gone)[0] == 0  # a late OnDeinit finds it closed already; no harm
+        assert dll.close(alive)[0] == 0
+        wait_until(lambda: dll.threads() == 0, "all threads to end")

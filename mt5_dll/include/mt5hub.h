@@ -38,6 +38,8 @@
 #define MT5HUB_E_FULL (-7)      /* the table store is full (MT5HUB_MAX_TABLES or _MAX_BYTES) */
 #define MT5HUB_E_LIMIT (-8)     /* MT5HUB_MAX_HANDLES handles are open already */
 #define MT5HUB_E_SYSTEM (-9)    /* out of memory, or no thread could be started */
+#define MT5HUB_E_INVALID (-10)  /* valid JSON, but a publish the hub would refuse (a rule of
+                                   docs/protocol.md): never queued; Mt5HubLastError says which */
 
 /* Mt5HubSend results (besides errors) */
 #define MT5HUB_QUEUED 0    /* the table's new state will be sent */
@@ -52,12 +54,20 @@
 #define MT5HUB_STAT_TABLES 5     /* tables held (their latest state is re-sent after a reconnect) */
 #define MT5HUB_STAT_BYTES 6      /* bytes of table state held */
 #define MT5HUB_STAT_PINGS 7      /* hub pings answered with a pong */
+#define MT5HUB_STAT_RETRY_MS 8   /* the delay before the next reconnect attempt (ms); 0 while
+                                    connected */
+#define MT5HUB_STAT_SEND_RATE 9  /* table frames per minute it sends at most: 2400 until the hub
+                                    says its rate limit is lower (rate_limited), then below it */
+#define MT5HUB_STAT_RESENT 10    /* tables queued again because the hub dropped frames over its
+                                    rate limit */
+#define MT5HUB_STAT_LAST MT5HUB_STAT_RESENT
 
 /* Limits */
 #define MT5HUB_MAX_HANDLES 64
 #define MT5HUB_MAX_MESSAGE (1024 * 1024) /* the hub's default websocket_max_message_size */
 #define MT5HUB_MAX_TABLES 512
 #define MT5HUB_MAX_BYTES (16 * 1024 * 1024)
+#define MT5HUB_LEASE_DEFAULT 60 /* seconds without a call before a handle is closed; see below */
 
 #ifdef __cplusplus
 extern "C" {
@@ -90,6 +100,14 @@ MT5HUB_API int Mt5HubClose(int handle);
  * connected, a reader), closing ones included. Each holds a reference to the DLL, so while this
  * is above 0 the DLL stays loaded: unloading never pulls the code from under a thread. */
 MT5HUB_API int Mt5HubThreads(void);
+
+/* Give the handle a lease of `seconds` (0: none; MT5HUB_LEASE_DEFAULT at open). Every call with
+ * the handle (Send, Status, LastError, Stat, SetLease) renews it; once `seconds` pass without
+ * one, the handle is closed as by Mt5HubClose: an EA that died without OnDeinit (a critical
+ * runtime error) does not leave its tables online forever. An EA whose OnTimer calls Status (or
+ * anything else) more often than that needs nothing more. Returns 0, MT5HUB_E_HANDLE or
+ * MT5HUB_E_ARG. */
+MT5HUB_API int Mt5HubSetLease(int handle, int seconds);
 
 /* MT5HUB_VERSION. */
 MT5HUB_API int Mt5HubVersion(void);

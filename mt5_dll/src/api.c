@@ -13,6 +13,7 @@
 
 #include "conn.h"
 #include "json.h"
+#include "publish.h"
 #include "store.h"
 #include "text.h"
 
@@ -43,6 +44,10 @@ static conn *acquire(int handle)
         conn_retain(c);
     }
     ReleaseSRWLockShared(&table_lock);
+    if (c && !conn_touch(c)) { /* its lease ran out: closed, though its slot is not free yet */
+        conn_release(c);
+        c = NULL;
+    }
     return c;
 }
 
@@ -55,6 +60,10 @@ MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags)
     int handle = MT5HUB_E_LIMIT;
     AcquireSRWLockExclusive(&table_lock);
     for (unsigned slot = 0; slot < MT5HUB_MAX_HANDLES; slot++) {
+        if (slots[slot].conn && conn_expired(slots[slot].conn)) { /* its lease ran out */
+            conn_release(slots[slot].conn);
+            slots[slot].conn = NULL;
+        }
         if (slots[slot].conn) continue;
         slots[slot].generation = slots[slot].generation % MAX_GENERATION + 1;
         slots[slot].conn = c;
@@ -86,24 +95,25 @@ MT5HUB_API int Mt5HubSend(int handle, const wchar_t *json)
     size_t len = 0;
     char *utf8 = utf16_to_utf8(json, MT5HUB_MAX_MESSAGE, &len, &rc);
     if (!utf8) return rc;
-    json_field fields[] = {{"key", NULL}, {"src", NULL}};
-    if (!json_scan_object(utf8, len, fields, 2))
-        rc = MT5HUB_E_JSON;
-    else if (!fields[0].value || !fields[1].value)
-        rc = MT5HUB_E_NOT_TABLE;
+    json_value doc;
+    char why[PUBLISH_WHY_CAP];
+    rc = publish_check(utf8, len, &doc, why);
 
-    if (rc == 0) {
-        conn *c = acquire(handle);
-        blob *state = c ? blob_new(utf8, len) : NULL;
-        if (!c)
-            rc = MT5HUB_E_HANDLE;
-        else if (!state)
+    conn *c = acquire(handle);
+    if (!c) {
+        rc = MT5HUB_E_HANDLE;
+    } else if (rc == MT5HUB_E_INVALID) {
+        conn_refused(c, why); /* the code alone does not say which rule: the last error does */
+    } else if (rc == 0) {
+        blob *state = blob_new(utf8, len);
+        if (!state)
             rc = MT5HUB_E_SYSTEM;
-        else if ((rc = conn_put(c, fields[0].value, fields[1].value, state)) < 0)
+        else if ((rc = conn_put(c, json_string(json_get(&doc, "key")),
+                                json_string(json_get(&doc, "src")), state)) < 0)
             blob_release(state);
-        if (c) conn_release(c);
     }
-    json_free_fields(fields, 2);
+    if (c) conn_release(c);
+    json_free(&doc); /* (a no-op if the check refused it) */
     free(utf8);
     return rc;
 }
@@ -151,6 +161,15 @@ MT5HUB_API int Mt5HubClose(int handle)
     conn_stop(c);    /* the thread flushes, closes and exits on its own */
     conn_release(c); /* the table's reference */
     return 0;
+}
+
+MT5HUB_API int Mt5HubSetLease(int handle, int seconds)
+{
+    conn *c = acquire(handle);
+    if (!c) return MT5HUB_E_HANDLE;
+    int rc = conn_set_lease(c, seconds);
+    conn_release(c);
+    return rc;
 }
 
 MT5HUB_API int Mt5HubThreads(void)

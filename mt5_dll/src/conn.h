@@ -25,12 +25,19 @@ int conn_start(conn *c);
 /* Ask the I/O thread to flush, close and exit. */
 void conn_stop(conn *c);
 
+/* An EA call with this handle: renew its lease. Returns 0 if the lease already ran out. */
+int conn_touch(conn *c);
+int conn_expired(conn *c);
+int conn_set_lease(conn *c, int seconds);
+
 void conn_retain(conn *c);
 void conn_release(conn *c);
 
 /* Takes over the reference to `state`; see store_put. */
 int conn_put(conn *c, const char *key, const char *src, blob *state);
 int conn_status(conn *c, int *queued);
+/* Record why Mt5HubSend refused a table (UTF-8) as the last error. */
+void conn_refused(conn *c, const char *why);
 int conn_last_error(conn *c, wchar_t *buffer, int size);
 long long conn_stat(conn *c, int which);
 

@@ -15,6 +15,8 @@
  *   error <h> [size]             ok <full length> <text, truncated to size-1 chars>
  *   stat <h> <which>             ok <value>
  *   close <h>                    ok <result> <microseconds>
+ *   lease <h> <seconds>          ok <Mt5HubSetLease result>
+ *   errtext <code>               ok <the DLL's text for a Windows/WinHTTP error code>
  *   threads                      ok <Mt5HubThreads()>
  *   unload                       FreeLibrary: ok unloaded | ok still-loaded
  *   load                         LoadLibrary again: ok | bad <error>
@@ -26,6 +28,7 @@
 #include <windows.h>
 
 #include "mt5hub.h"
+#include "text.h"
 
 typedef int(__cdecl *open_fn)(const wchar_t *, const wchar_t *, int);
 typedef int(__cdecl *send_fn)(int, const wchar_t *);
@@ -44,6 +47,7 @@ static last_error_fn p_last_error;
 static stat_fn p_stat;
 static close_fn p_close;
 static void_fn p_threads, p_version;
+static int(__cdecl *p_lease)(int, int);
 
 /* Returns 0 so that handlers can `return reply(...)`. */
 static int reply(const char *fmt, ...)
@@ -72,8 +76,9 @@ static int load(void)
     p_close = (close_fn)(void *)GetProcAddress(dll, "Mt5HubClose");
     p_threads = (void_fn)(void *)GetProcAddress(dll, "Mt5HubThreads");
     p_version = (void_fn)(void *)GetProcAddress(dll, "Mt5HubVersion");
+    p_lease = (int(__cdecl *)(int, int))(void *)GetProcAddress(dll, "Mt5HubSetLease");
     return p_open && p_send && p_status && p_last_error && p_stat && p_close && p_threads &&
-           p_version;
+           p_version && p_lease;
 }
 
 static wchar_t *widen(const char *s)
@@ -142,6 +147,14 @@ static int run(char *line)
 
     if (!strcmp(cmd, "version")) return reply("ok %d", p_version());
     if (!strcmp(cmd, "threads")) return reply("ok %d", p_threads());
+    if (!strcmp(cmd, "errtext")) {
+        char *code = word(&rest), text[1024];
+        wchar_t wide[512];
+        if (!code) return reply("bad usage: errtext <code>");
+        describe_error((DWORD)strtoul(code, NULL, 10), wide, 512);
+        WideCharToMultiByte(CP_UTF8, 0, wide, -1, text, sizeof text, NULL, NULL);
+        return reply("ok %s", text);
+    }
     if (!strcmp(cmd, "unload")) {
         FreeLibrary(dll);
         dll = NULL;
@@ -219,6 +232,11 @@ static int run(char *line)
         char *which = word(&rest);
         if (!which) return reply("bad usage: stat <h> <which>");
         return reply("ok %lld", p_stat(h, atoi(which)));
+    }
+    if (!strcmp(cmd, "lease")) {
+        char *seconds = word(&rest);
+        if (!seconds) return reply("bad usage: lease <h> <seconds>");
+        return reply("ok %d", p_lease(h, atoi(seconds)));
     }
     if (!strcmp(cmd, "close")) {
         double t0 = now_us();
