@@ -27,6 +27,9 @@ import trio
 import trio_websocket
 from conftest import ROOT, RunningHub, require_tool
 
+from mt5hub.errors import ProtocolError
+from mt5hub.models import Decoder, parse_json
+
 WINE64 = "/usr/lib/wine/wine64"  # Debian installs it off the PATH
 WINESERVER = "/usr/lib/wine/wineserver"
 MT5_DLL = ROOT / "mt5_dll"
@@ -858,3 +861,145 @@ def test_a_handle_whose_ea_is_gone_is_closed_when_its_lease_runs_out(
         assert dll.close(gone)[0] == 0  # a late OnDeinit finds it closed already; no harm
         assert dll.close(alive)[0] == 0
         wait_until(lambda: dll.threads() == 0, "all threads to end")
+
+
+# ---- the hub's rules, checked by the DLL before it queues ------------------------------------
+
+
+def hub_accepts(text: str) -> bool:
+    """What the hub makes of a publisher's frame: accepted as a publish, or refused."""
+    try:
+        obj = parse_json(text)
+        if not isinstance(obj, dict) or obj.get("type", "publish") != "publish":
+            return False
+        Decoder(max_rows=500).accept(obj)
+    except ProtocolError:
+        return False
+    return True
+
+
+def publish_text(**changes: Any) -> str:
+    """A valid publish as JSON text, with top-level fields changed (None removes one)."""
+    message = table("EA1", "rules")
+    for name, value in changes.items():
+        if value is None:
+            del message[name]
+        else:
+            message[name] = value
+    return json.dumps(message, ensure_ascii=False)
+
+
+def with_row(**changes: Any) -> str:
+    row = dict(table("EA1", "rules")["data"][0])
+    for name, value in changes.items():
+        if value is None:
+            del row[name]
+        else:
+            row[name] = value
+    return publish_text(data=[row])
+
+
+def with_cell(cell: Any) -> str:
+    return with_row(TF_data=[{"M5": 1.0, "cell_color": "clrGreen"}, cell])
+
+
+RULE_CASES = [
+    publish_text(),
+    publish_text(clientId=None),
+    publish_text(clientId=""),
+    publish_text(clientId=7),
+    publish_text(clientId="c" * 128),
+    publish_text(clientId="c" * 129),
+    publish_text(key="é" * 128),  # 128 characters, 256 bytes
+    publish_text(key="é" * 129),
+    publish_text(src="a\u0085b"),  # C1 control
+    publish_text(src="a\u007fb"),
+    publish_text(src="a\tb"),
+    publish_text(src="a\u00a0b"),  # no-break space: fine
+    publish_text(src="🚀" * 128),
+    publish_text(data=None),
+    publish_text(data={}),
+    publish_text(data=[]),
+    publish_text(data=[1]),
+    publish_text(type="publish"),
+    publish_text(type="ping"),
+    publish_text(type=5),
+    publish_text(extra={"nested": [1, {"a": None}]}, seq=5, online=True),
+    with_row(pair=None),
+    with_row(pair=""),
+    with_row(pair="p" * 64),
+    with_row(pair="p" * 65),
+    with_row(pair=["EURUSD"]),
+    with_row(TF_data=None),
+    with_row(TF_data={}),
+    with_row(TF_data=[]),
+    with_row(TF_data=[{"M1": 1, "cell_color": ""}] * 32),
+    with_row(TF_data=[{"M1": 1, "cell_color": ""}] * 33),
+    with_row(sum=None),
+    with_row(sum="1"),
+    with_row(sum=True),
+    with_row(sum=None, total=1),
+    with_row(sum=10**30),
+    with_row(sum_cell_color=None),
+    with_row(sum_cell_color="c" * 64),
+    with_row(sum_cell_color="c" * 65),
+    with_row(sum_cell_color="red\n"),
+    with_row(sum_cell_color=1),
+    with_row(note="rows keep extra fields"),
+    with_cell({"H1": 1}),
+    with_cell({"cell_color": "x"}),
+    with_cell({"H1": 1, "H4": 2, "cell_color": "x"}),
+    with_cell({"H-1": 1, "cell_color": "x"}),
+    with_cell({"H" * 16: 1, "cell_color": "x"}),
+    with_cell({"H" * 17: 1, "cell_color": "x"}),
+    with_cell({"Ä1": 1, "cell_color": "x"}),
+    with_cell({"H1": "1", "cell_color": "x"}),
+    with_cell({"H1": None, "cell_color": "x"}),
+    with_cell({"H1": False, "cell_color": "x"}),
+    with_cell({"H1": -0.0, "cell_color": "x" * 65}),
+    with_cell({"H1": 1, "cell_color": 3}),
+    with_cell([1, 2]),
+    # Written out: names given twice, and escapes.
+    publish_text().replace('"key": "EA1"', '"key": "EA1", "key": "EA1"'),
+    publish_text().replace('"data":', '"x": 1, "x": 2, "data":'),
+    publish_text().replace('"clientId": "EA1_1"', '"clientId": "\\ud800"'),
+    publish_text().replace('"pair": "EURUSD"', '"pair": "EUR\\udc00USD"'),
+    publish_text().replace('"pair": "EURUSD"', '"pair": "EUR\\ud83d\\ude80"'),
+    publish_text().replace('"pair": "EURUSD"', '"pair": "EUR\\u0000"'),
+    publish_text().replace('"pair": "EURUSD"', '"pair": "EURUSD", "pair": "GBPUSD"'),
+    publish_text().replace('{"M5": 1.0,', '{"M5": 1.0, "M5": 2.0,'),
+    publish_text().replace('"cell_color": "clrRed"', '"cell_color": 1, "cell_color": "clrRed"'),
+]
+
+
+def test_send_refuses_what_the_hub_refuses_by_the_same_rules(dll: DllTest) -> None:
+    """Every case goes to the hub's own decoder (in this process) and to the DLL: both accept it
+    or both refuse it. The DLL says which rule, and never queues what it refused."""
+    handle = dll.open("ws://127.0.0.1:1/ws/dll", "t")  # never connects: all stays queued
+    verdicts = []
+    for text in RULE_CASES:
+        tables_before = dll.stat(handle, TABLES)
+        rc, _ = dll.send(handle, text)
+        assert rc in (QUEUED, COALESCED, E_INVALID, E_NOT_TABLE), (rc, text)
+        accepted = rc >= 0
+        verdicts.append((accepted, hub_accepts(text), text))
+        if not accepted:
+            assert dll.stat(handle, TABLES) == tables_before
+    disagreements = [(ours, text) for ours, hubs, text in verdicts if ours != hubs]
+    assert not disagreements, disagreements
+    assert sum(accepted for accepted, _, _ in verdicts) >= 15  # both sides of the rules ran
+    assert sum(not accepted for accepted, _, _ in verdicts) >= 30
+
+    # The three of the report: a distinct code at once, the rule in the last error, nothing kept.
+    for text, rule in (
+        (publish_text(clientId=None), "$.clientId: required field missing"),
+        (RULE_CASES[-9], "$.key: given more than once"),
+        (RULE_CASES[-7], "lone UTF-16 surrogate"),
+    ):
+        assert dll.send(handle, text)[0] == E_INVALID
+        assert rule in dll.last_error(handle)[1], dll.last_error(handle)
+    assert dll.send(handle, with_cell({"H1": 1, "cell_color": "x" * 65}))[0] == E_INVALID
+    assert "$.data[0].TF_data[1].cell_color: must be at most 64" in dll.last_error(handle)[1]
+    # Only the hub knows its max_rows: 501 rows pass the DLL (the hub says bad_schema).
+    long = publish_text(data=table("EA1", "x")["data"] * 501)
+    assert dll.send(handle, long)[0] in (QUEUED, COALESCED)
