@@ -330,6 +330,7 @@ def test_dll_needs_only_windows_own_dlls(dll_build: Path) -> None:
         "Mt5HubClose",
         "Mt5HubThreads",
         "Mt5HubVersion",
+        "Mt5HubSetLease",
     ):
         assert f"] {name}\n" in dump, f"{name} is not exported"
 
