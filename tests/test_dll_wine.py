@@ -9,15 +9,18 @@ timeouts; the only timing assertions are upper bounds on how long an exported ca
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import ssl
 import subprocess
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1004,3 +1007,54 @@ def test_send_refuses_what_the_hub_refuses_by_the_same_rules(dll: DllTest) -> No
     # Only the hub knows its max_rows: 501 rows pass the DLL (the hub says bad_schema).
     long = publish_text(data=table("EA1", "x")["data"] * 501)
     assert dll.send(handle, long)[0] in (QUEUED, COALESCED)
+
+
+# ---- the bundle a trader installs --------------------------------------------------------------
+
+
+def test_the_ea_bundle_is_reproducible_and_installs_as_a_data_folder(
+    dll_build: Path, wine_env: dict[str, str], tmp_path: Path
+) -> None:
+    zips = []
+    for name in ("first", "second"):  # two builds from scratch, in different folders
+        build = tmp_path / name / "build"
+        done = subprocess.run(
+            ["make", "-C", str(MT5_DLL), "bundle", f"BUILD={build}"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, f"make bundle failed:\n{done.stdout}\n{done.stderr}"
+        (found,) = build.glob("mt5hub-ea-*.zip")
+        zips.append(found)
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version and zips[0].name == f"mt5hub-ea-{version[1]}.zip"
+    assert zips[0].read_bytes() == zips[1].read_bytes(), "two builds of one commit differ"
+
+    with zipfile.ZipFile(zips[0]) as bundle:
+        assert bundle.namelist() == [
+            "MQL5/Libraries/mt5hub.dll",
+            "MQL5/Include/Mt5Hub.mqh",
+            "MQL5/Experts/Mt5HubSignals.mq5",
+            "README.txt",
+        ]
+        dll_bytes = bundle.read("MQL5/Libraries/mt5hub.dll")
+        readme = bundle.read("README.txt").decode()
+        for source in ("mql5/Include/Mt5Hub.mqh", "mql5/Experts/Mt5HubSignals.mq5"):
+            assert bundle.read("MQL5/" + source.split("/", 1)[1]) == (MT5_DLL / source).read_bytes()
+        bundle.extractall(tmp_path / "data-folder")
+    assert f"mt5hub.dll SHA-256: {hashlib.sha256(dll_bytes).hexdigest()}" in readme
+    assert "File > Open Data Folder" in readme
+
+    # The DLL from the bundle is one MT5 loads: the driver loads it from the unpacked folder.
+    driver = subprocess.run(
+        [
+            WINE64,
+            str(dll_build / "dlltest.exe"),
+            str(tmp_path / "data-folder/MQL5/Libraries/mt5hub.dll"),
+        ],
+        input=b"version\nquit\n",
+        env=wine_env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert driver.stdout.decode().split() == ["ready", "ok", "1"], driver
