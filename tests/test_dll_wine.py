@@ -175,6 +175,9 @@ class DllTest:
     def threads(self) -> int:
         return self.ints("threads")[0]
 
+    def open_pinned(self, url: str, token: str | None, fingerprint: str) -> int:
+        return self.ints("openpin", url, token or "-", fingerprint)[0]
+
     def lease(self, handle: int, seconds: int) -> int:
         return self.ints("lease", handle, seconds)[0]
 
@@ -1058,3 +1061,130 @@ def test_the_ea_bundle_is_reproducible_and_installs_as_a_data_folder(
         timeout=120,
     )
     assert driver.stdout.decode().split() == ["ready", "ok", "1"], driver
+
+
+# ---- certificate pinning ---------------------------------------------------------------------
+
+
+def fingerprint_of(pem_path: Path) -> str:
+    """The SHA-256 of a PEM certificate's DER, as openssl prints it: AB:CD:..."""
+    der = ssl.PEM_cert_to_DER_cert(pem_path.read_text())
+    return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+
+
+class KeepAliveServer:
+    """A TLS server that answers every request 401 on a kept-alive connection and records the
+    request heads per connection: what a client sent, and on which connection."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[list[str]] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = self.listener.accept()
+                heads: list[str] = []
+                self.connections.append(heads)
+                threading.Thread(target=self._talk, args=(raw, heads), daemon=True).start()
+
+    def _talk(self, raw: socket.socket, heads: list[str]) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError), raw:
+            conn = self.context.wrap_socket(raw, server_side=True)
+            conn.settimeout(15)
+            buffered = b""
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    buffered += chunk
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                heads.append(head.decode("latin-1"))
+                conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno")
+
+    def __enter__(self) -> KeepAliveServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        self._thread.join(5)
+
+
+def test_a_pinned_handle_accepts_exactly_its_certificate(
+    hub: RunningHub, dll: DllTest, tmp_path: Path
+) -> None:
+    """The hub's certificate is from a CA Windows does not trust; pinned, it is accepted (and
+    only it), without switching off checks for everyone else's certificates."""
+    right = fingerprint_of(hub.folder / "hub.crt")
+    assert f"WSS certificate SHA-256 fingerprint (an EA may pin it): {right}" in hub.log()
+    wrong = right.replace(right[:2], "00" if right[:2] != "00" else "11", 1)
+    with Viewer(hub) as viewer:
+        pinned = dll.open_pinned(hub.wss_url + "/ws/dll", hub.token, right)
+        other = dll.open_pinned(hub.wss_url + "/ws/dll", hub.token, wrong)
+        # openssl's own output is accepted as it is, lower case and without colons too.
+        also = dll.open_pinned(
+            hub.wss_url + "/ws/dll", hub.token, "sha256 Fingerprint=" + right.lower()
+        )
+        bare = dll.open_pinned(hub.wss_url + "/ws/dll", hub.token, right.replace(":", ""))
+        for handle in (pinned, also, bare):
+            dll.wait_state(handle, CONNECTED)
+        assert dll.send(pinned, table("EA1", "pinned", 4.0))[0] == QUEUED
+        viewer.wait_for(lambda v: v.sum_of("EA1", "pinned") == 4.0, "the pinned handle's table")
+        wait_until(lambda: "is not the pinned one" in dll.last_error(other)[1], "a pin mismatch")
+        text = dll.last_error(other)[1]
+        assert right in text and "the token was not sent" in text, text
+        assert dll.stat(other, CONNECTS) == 0 and dll.status(other)[0] != CONNECTED
+    for bad in ("", "AB:CD", right + ":00", right.replace("A", "G"), "x" * 64):
+        assert dll.open_pinned(hub.wss_url + "/ws/dll", hub.token, bad or "-") == E_ARG, bad
+    assert dll.open_pinned(hub.ws_url + "/ws/dll", hub.token, right) == E_URL  # TLS only
+
+
+def test_the_token_goes_only_over_a_connection_whose_certificate_was_checked(
+    dll: DllTest, tmp_path: Path, ca: Any
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert = ca.issue_cert("127.0.0.1")
+    cert.configure_cert(context)
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    right = fingerprint_of(tmp_path / "server.crt")
+    wrong = "00:" + right[3:] if not right.startswith("00") else "11:" + right[3:]
+    with KeepAliveServer(context) as server:
+        url = f"wss://127.0.0.1:{server.port}/ws/dll"
+        handle = dll.open_pinned(url, "secret-token", wrong)
+        wait_until(lambda: "is not the pinned one" in dll.last_error(handle)[1], "a mismatch")
+        assert dll.close(handle)[0] == 0
+        wait_until(lambda: dll.threads() == 0, "the handle's thread to end")
+        refused = list(server.connections)
+        handle = dll.open_pinned(url, "secret-token", right)
+        wait_until(lambda: dll.status(handle)[0] == REJECTED, "the 401 with the token")
+        assert dll.close(handle)[0] == 0
+    # Wrong certificate: requests went out, never with the token.
+    assert refused and all(refused)
+    assert not any("secret-token" in head for heads in refused for head in heads), refused
+    # Right certificate: the first request on a new connection goes without the token; once the
+    # certificate proved right, the next one on that same connection carries it.
+    checked = [heads for heads in server.connections[len(refused) :] if heads]
+    assert checked, server.connections
+    for heads in checked:
+        assert "secret-token" not in heads[0], heads
+    assert any(
+        len(heads) >= 2 and "Authorization: Bearer secret-token" in heads[1] for heads in checked
+    ), checked
+
+
+def test_make_dev_cert_prints_the_fingerprint_the_dll_pins(dll: DllTest, tmp_path: Path) -> None:
+    openssl = require_tool("openssl", "makes the development certificate")
+    assert openssl
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "make_dev_cert.sh"
+    script.write_bytes((ROOT / "scripts" / "make_dev_cert.sh").read_bytes())
+    printed = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
+    line = printed.stdout.strip().splitlines()[-1]
+    assert line == f"local.crt SHA-256 fingerprint: {fingerprint_of(tmp_path / 'local.crt')}"
+    fingerprint = line.rsplit(" ", 1)[1]
+    assert dll.open_pinned("wss://127.0.0.1:1/ws/dll", "t", fingerprint) > 0

@@ -19,7 +19,8 @@
 #define MT5HUB_VERSION 1 /* protocol v1; also what Mt5HubVersion() returns */
 
 /* Mt5HubOpen flags */
-#define MT5HUB_FLAG_INSECURE_TLS 1 /* accept any server certificate (self-signed dev hub only) */
+#define MT5HUB_FLAG_INSECURE_TLS 1 /* accept ANY server certificate: for tests only (anyone on the
+                                      path could read the token); see Mt5HubOpenPinned */
 
 /* Mt5HubStatus states */
 #define MT5HUB_STATE_CONNECTING 0 /* opening the connection */
@@ -77,6 +78,14 @@ extern "C" {
  * `Authorization: Bearer <token>` (no header if token is NULL or empty). Returns a handle > 0 or
  * an error. Connecting happens in the background: watch Mt5HubStatus. */
 MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags);
+
+/* Like Mt5HubOpen(url, token, 0) for a wss:// hub with a self-signed certificate: accept exactly
+ * the certificate whose SHA-256 fingerprint is `sha256_fingerprint` (64 hex digits, colons and
+ * spaces allowed, e.g. openssl's "sha256 Fingerprint=AB:CD:..."), however its authority, host
+ * name and dates, and nothing else. The token is sent only on a connection whose certificate
+ * was checked. Returns a handle, MT5HUB_E_ARG (not a fingerprint) or MT5HUB_E_URL (not wss://). */
+MT5HUB_API int Mt5HubOpenPinned(const wchar_t *url, const wchar_t *token,
+                                const wchar_t *sha256_fingerprint);
 
 /* Store `json` (a publish: an object with string "key" and "src") as the latest state of its
  * table and return: the background thread sends it as soon as the link and rate allow. */

@@ -51,10 +51,11 @@ static conn *acquire(int handle)
     return c;
 }
 
-MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags)
+static int open_handle(const wchar_t *url, const wchar_t *token, int flags,
+                       const unsigned char *pin)
 {
     conn *c;
-    int rc = conn_create(url, token, flags, &c);
+    int rc = conn_create(url, token, flags, pin, &c);
     if (rc) return rc;
 
     int handle = MT5HUB_E_LIMIT;
@@ -85,6 +86,40 @@ MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags)
         return rc;
     }
     return handle;
+}
+
+MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags)
+{
+    return open_handle(url, token, flags, NULL);
+}
+
+/* "AB:CD:...", "abcd...", "sha256 Fingerprint=AB:CD:..." (openssl's output): 32 bytes. */
+static int parse_fingerprint(const wchar_t *text, unsigned char out[32])
+{
+    const wchar_t *eq = wcschr(text, L'=');
+    int digits = 0;
+    for (const wchar_t *p = eq ? eq + 1 : text; *p; p++) {
+        int v = *p >= L'0' && *p <= L'9'   ? *p - L'0'
+                : *p >= L'a' && *p <= L'f' ? *p - L'a' + 10
+                : *p >= L'A' && *p <= L'F' ? *p - L'A' + 10
+                                           : -1;
+        if (v < 0) {
+            if (*p == L':' || *p == L' ') continue;
+            return 0;
+        }
+        if (digits == 64) return 0;
+        out[digits / 2] = (unsigned char)(digits % 2 ? out[digits / 2] | v : v << 4);
+        digits++;
+    }
+    return digits == 64;
+}
+
+MT5HUB_API int Mt5HubOpenPinned(const wchar_t *url, const wchar_t *token,
+                                const wchar_t *sha256_fingerprint)
+{
+    unsigned char pin[32];
+    if (!sha256_fingerprint || !parse_fingerprint(sha256_fingerprint, pin)) return MT5HUB_E_ARG;
+    return open_handle(url, token, 0, pin);
 }
 
 MT5HUB_API int Mt5HubSend(int handle, const wchar_t *json)

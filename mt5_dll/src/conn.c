@@ -164,7 +164,8 @@ static void conn_free(conn *c)
     free(c);
 }
 
-int conn_create(const wchar_t *url, const wchar_t *token, int flags, conn **out)
+int conn_create(const wchar_t *url, const wchar_t *token, int flags, const unsigned char *pin,
+                conn **out)
 {
     if (!url || (flags & ~MT5HUB_FLAG_INSECURE_TLS)) return MT5HUB_E_ARG;
     /* A line break in the token would let it inject HTTP headers. */
@@ -184,6 +185,11 @@ int conn_create(const wchar_t *url, const wchar_t *token, int flags, conn **out)
     c->rng = (unsigned)GetTickCount64() ^ (unsigned)(ULONG_PTR)c ^ GetCurrentThreadId();
     if (!c->rng) c->rng = 1;
     int rc = parse_url(c, url);
+    if (pin) {
+        c->pinned = 1;
+        memcpy(c->pin, pin, sizeof c->pin);
+        if (!rc && !c->secure) rc = MT5HUB_E_URL; /* a pin is about TLS: wss:// only */
+    }
     if (!rc && token && *token) {
         static const wchar_t prefix[] = L"Authorization: Bearer ";
         size_t n = wcslen(prefix) + wcslen(token);

@@ -15,9 +15,10 @@
 
 typedef struct conn conn;
 
-/* Parse the URL and prepare a conn (refs = 1, no thread yet). Returns 0, MT5HUB_E_URL,
- * MT5HUB_E_ARG or MT5HUB_E_SYSTEM. */
-int conn_create(const wchar_t *url, const wchar_t *token, int flags, conn **out);
+/* Parse the URL and prepare a conn (refs = 1, no thread yet); pin (32 bytes, wss:// only) or
+ * NULL. Returns 0, MT5HUB_E_URL, MT5HUB_E_ARG or MT5HUB_E_SYSTEM. */
+int conn_create(const wchar_t *url, const wchar_t *token, int flags, const unsigned char *pin,
+                conn **out);
 
 /* Start the I/O thread, which takes its own reference and pins the DLL until it exits. */
 int conn_start(conn *c);

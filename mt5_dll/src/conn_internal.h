@@ -26,6 +26,8 @@ struct conn {
     int secure;
     int flags;
     wchar_t *auth_header; /* "Authorization: Bearer ..." or NULL */
+    int pinned;           /* accept exactly the certificate whose SHA-256 is pin */
+    unsigned char pin[32];
 
     SRWLOCK lock;
     CONDITION_VARIABLE wake; /* the I/O thread waits on it for work, stop, or link end */
@@ -58,6 +60,9 @@ struct conn {
     HINTERNET ws;
     HANDLE reader;
     DWORD tls_failure; /* WINHTTP_CALLBACK_STATUS_FLAG_* from the last handshake */
+    int pin_state;     /* pinned: 1 the certificate was the pinned one, -1 another, 0 not seen */
+    unsigned char seen[32]; /* pinned: the SHA-256 of the certificate seen */
+    int token_held_back; /* pinned: the request went out on a new connection, without the token */
     unsigned rng;
 };
 

@@ -16,6 +16,7 @@
 
 #include "conn_internal.h"
 #include "json.h"
+#include "sha256.h"
 #include "text.h"
 
 #define USER_AGENT L"mt5hub-dll/1"
@@ -88,14 +89,50 @@ static int wait_for_stop(conn *c, DWORD ms)
 
 /* ---- handshake ------------------------------------------------------------------------- */
 
-/* Sync-mode WinHTTP still reports why it rejected a certificate through the status callback,
- * which runs on the calling thread during WinHttpSendRequest. */
-static void CALLBACK on_secure_failure(HINTERNET h, DWORD_PTR context, DWORD status, LPVOID info,
-                                       DWORD info_len)
+/* Pinned: compare the SHA-256 of the server's certificate (DER) with the pin. */
+static void check_pin(conn *c, HINTERNET request)
 {
-    (void)h;
-    if (status == WINHTTP_CALLBACK_STATUS_SECURE_FAILURE && info && info_len >= sizeof(DWORD))
-        ((conn *)context)->tls_failure = *(DWORD *)info;
+    PCCERT_CONTEXT cert = NULL;
+    DWORD size = sizeof cert;
+    c->pin_state = 0;
+    if (!WinHttpQueryOption(request, WINHTTP_OPTION_SERVER_CERT_CONTEXT, &cert, &size) || !cert)
+        return;
+    sha256(cert->pbCertEncoded, cert->cbCertEncoded, c->seen);
+    c->pin_state = memcmp(c->seen, c->pin, sizeof c->pin) ? -1 : 1;
+    /* crypt32 is WinHTTP's, loaded already: no import of our own for one call. */
+    typedef BOOL(WINAPI * free_fn)(PCCERT_CONTEXT);
+    HMODULE crypt32 = GetModuleHandleW(L"crypt32.dll");
+    free_fn cert_free = crypt32 ? (free_fn)(void *)GetProcAddress(crypt32,
+                                                                  "CertFreeCertificateContext")
+                                : NULL;
+    if (cert_free) cert_free(cert);
+}
+
+/* Sync-mode WinHTTP calls this on the calling thread during WinHttpSendRequest: why it rejected a
+ * certificate, and, for a pinned handle, the moments to hold the token back and to check the
+ * certificate. */
+static void CALLBACK on_status(HINTERNET h, DWORD_PTR context, DWORD status, LPVOID info,
+                               DWORD info_len)
+{
+    conn *c = (conn *)context;
+    if (status == WINHTTP_CALLBACK_STATUS_SECURE_FAILURE && info && info_len >= sizeof(DWORD)) {
+        c->tls_failure = *(DWORD *)info;
+    } else if (status == WINHTTP_CALLBACK_STATUS_CONNECTING_TO_SERVER && c->pinned &&
+               c->auth_header) {
+        /* A new connection, whose certificate nobody checked yet: this request goes without
+         * the token (WinHTTP writes the request after connecting). The upgrade normally reuses
+         * the connection probe_certificate checked, and never comes here. */
+        WinHttpAddRequestHeaders(h, L"Authorization:", (DWORD)-1L, WINHTTP_ADDREQ_FLAG_REPLACE);
+        c->token_held_back = 1;
+    } else if (status == WINHTTP_CALLBACK_STATUS_SENDING_REQUEST && c->pinned) {
+        check_pin(c, h);
+    }
+}
+
+static void format_fingerprint(const unsigned char hash[32], wchar_t out[97])
+{
+    for (int i = 0; i < 32; i++) _snwprintf(out + 3 * i, 4, L"%02X:", hash[i]);
+    out[95] = L'\0';
 }
 
 /* Why the certificate was refused, from the secure-failure flags; NULL if WinHTTP did not say
@@ -116,26 +153,97 @@ static void set_tls_error(conn *c, DWORD code)
     describe_error(code, text, 256);
     if (problem)
         set_error(c, L"TLS: the certificate of %ls:%u is %ls (%ls). Use a certificate Windows "
-                     L"trusts; MT5HUB_FLAG_INSECURE_TLS is for a self-signed development hub only",
+                     L"trusts, or pin a self-signed one by its SHA-256 (Mt5HubOpenPinned; the hub "
+                     L"logs it at start). MT5HUB_FLAG_INSECURE_TLS is for tests only",
                   c->host, (unsigned)c->port, problem, text);
     else
-        set_error(c, L"TLS with %ls:%u failed: %ls. If the hub uses a self-signed development "
-                     L"certificate, open with MT5HUB_FLAG_INSECURE_TLS",
+        set_error(c, L"TLS with %ls:%u failed: %ls. If the hub uses a self-signed certificate, "
+                     L"pin it by its SHA-256 (Mt5HubOpenPinned; the hub logs it at start). "
+                     L"MT5HUB_FLAG_INSECURE_TLS is for tests only",
                   c->host, (unsigned)c->port, text);
 }
 
 enum { LINK_FAILED, LINK_REJECTED, LINK_UP };
 
-/* Connect and upgrade to a WebSocket; on LINK_UP c->connection and c->ws are open. */
-static int open_link(conn *c)
+/* Read an answer to its end, so that WinHTTP keeps the connection for the next request. */
+static void drain(HINTERNET request)
+{
+    char buf[4096];
+    DWORD n = 0;
+    for (int i = 0; i < 16 && WinHttpReadData(request, buf, sizeof buf, &n) && n; i++) continue;
+}
+
+static void set_pin_error(conn *c)
+{
+    wchar_t seen[97];
+    format_fingerprint(c->seen, seen);
+    if (c->pin_state < 0)
+        set_error(c, L"TLS: the certificate of %ls:%u is not the pinned one (the token was not "
+                     L"sent): its SHA-256 is %ls",
+                  c->host, (unsigned)c->port, seen);
+    else
+        set_error(c, L"TLS: the certificate of %ls:%u could not be read to compare it with the "
+                     L"pin (the token was not sent)",
+                  c->host, (unsigned)c->port);
+}
+
+/* Pinned: a plain GET of the WebSocket path, without the token, to see the certificate on a new
+ * connection. The hub answers 426 and keeps the connection (it closes one after refusing an
+ * upgrade, which is why the upgrade itself cannot be the probe); the upgrade with the token
+ * follows on it. Returns 1 if the certificate is the pinned one. */
+static int probe_certificate(conn *c)
+{
+    int ok = 0;
+    HINTERNET request = WinHttpOpenRequest(c->connection, L"GET", c->path, NULL,
+                                           WINHTTP_NO_REFERER, WINHTTP_DEFAULT_ACCEPT_TYPES,
+                                           WINHTTP_FLAG_SECURE);
+    if (!request) {
+        set_winhttp_error(c, L"cannot open a request to", GetLastError());
+        return 0;
+    }
+    DWORD ignore = SECURITY_FLAG_IGNORE_UNKNOWN_CA | SECURITY_FLAG_IGNORE_CERT_CN_INVALID |
+                   SECURITY_FLAG_IGNORE_CERT_DATE_INVALID | SECURITY_FLAG_IGNORE_CERT_WRONG_USAGE;
+    WinHttpSetOption(request, WINHTTP_OPTION_SECURITY_FLAGS, &ignore, sizeof ignore);
+    DWORD handshake_ms = HANDSHAKE_TIMEOUT_MS;
+    WinHttpSetOption(request, WINHTTP_OPTION_RECEIVE_RESPONSE_TIMEOUT, &handshake_ms,
+                     sizeof handshake_ms);
+    c->tls_failure = 0;
+    c->pin_state = 0;
+    DWORD_PTR context = (DWORD_PTR)c;
+    WinHttpSetOption(request, WINHTTP_OPTION_CONTEXT_VALUE, &context, sizeof context);
+    WinHttpSetStatusCallback(request, on_status,
+                             WINHTTP_CALLBACK_FLAG_SECURE_FAILURE |
+                                 WINHTTP_CALLBACK_FLAG_SEND_REQUEST,
+                             0);
+    if (!WinHttpSendRequest(request, WINHTTP_NO_ADDITIONAL_HEADERS, 0, WINHTTP_NO_REQUEST_DATA, 0,
+                            0, 0) ||
+        !WinHttpReceiveResponse(request, NULL)) {
+        DWORD code = GetLastError();
+        if (c->pin_state < 0)
+            set_pin_error(c);
+        else if (code == ERROR_WINHTTP_TIMEOUT || code == WSAETIMEDOUT_CODE)
+            set_error(c, L"%ls:%u did not answer within %u s: wrong address or port, hub down or "
+                         L"hung, or a firewall dropping it",
+                      c->host, (unsigned)c->port, HANDSHAKE_TIMEOUT_MS / 1000);
+        else
+            set_winhttp_error(c, L"cannot reach", code);
+    } else if (c->pin_state != 1) {
+        set_pin_error(c);
+    } else {
+        drain(request); /* so that WinHTTP keeps the connection for the upgrade */
+        ok = 1;
+    }
+    WinHttpCloseHandle(request);
+    return ok;
+}
+
+/* One upgrade request on c->connection. Pinned: sets *again if it went out on a new connection
+ * (the probe's was gone), which got it without the token: probe again. */
+static int upgrade(conn *c, int *again)
 {
     int result = LINK_FAILED;
     HINTERNET request = NULL;
-    c->connection = WinHttpConnect(c->session, c->host, c->port, 0);
-    if (!c->connection) {
-        set_winhttp_error(c, L"cannot connect to", GetLastError());
-        return LINK_FAILED;
-    }
+    *again = 0;
     request = WinHttpOpenRequest(c->connection, L"GET", c->path, NULL, WINHTTP_NO_REFERER,
                                  WINHTTP_DEFAULT_ACCEPT_TYPES, c->secure ? WINHTTP_FLAG_SECURE : 0);
     if (!request) {
@@ -143,17 +251,21 @@ static int open_link(conn *c)
         goto done;
     }
     if (c->secure) {
-        if (c->flags & MT5HUB_FLAG_INSECURE_TLS) {
+        /* Pinned: the pin decides, not the authority, host name or dates. */
+        if ((c->flags & MT5HUB_FLAG_INSECURE_TLS) || c->pinned) {
             DWORD ignore = SECURITY_FLAG_IGNORE_UNKNOWN_CA | SECURITY_FLAG_IGNORE_CERT_CN_INVALID |
                            SECURITY_FLAG_IGNORE_CERT_DATE_INVALID |
                            SECURITY_FLAG_IGNORE_CERT_WRONG_USAGE;
             WinHttpSetOption(request, WINHTTP_OPTION_SECURITY_FLAGS, &ignore, sizeof ignore);
         }
         c->tls_failure = 0;
+        c->pin_state = c->token_held_back = 0;
         DWORD_PTR context = (DWORD_PTR)c;
         WinHttpSetOption(request, WINHTTP_OPTION_CONTEXT_VALUE, &context, sizeof context);
-        WinHttpSetStatusCallback(request, on_secure_failure, WINHTTP_CALLBACK_FLAG_SECURE_FAILURE,
-                                 0);
+        DWORD events = WINHTTP_CALLBACK_FLAG_SECURE_FAILURE;
+        if (c->pinned)
+            events |= WINHTTP_CALLBACK_FLAG_CONNECT_TO_SERVER | WINHTTP_CALLBACK_FLAG_SEND_REQUEST;
+        WinHttpSetStatusCallback(request, on_status, events, 0);
     }
     /* Without it Wine waits for the upgrade answer forever; Windows' default is 30 s. */
     DWORD handshake_ms = HANDSHAKE_TIMEOUT_MS;
@@ -190,9 +302,17 @@ static int open_link(conn *c)
         goto done;
     }
 
+    if (c->pinned && c->pin_state != 1) {
+        set_pin_error(c);
+        goto done;
+    }
     DWORD status = 0, size = sizeof status;
     WinHttpQueryHeaders(request, WINHTTP_QUERY_STATUS_CODE | WINHTTP_QUERY_FLAG_NUMBER,
                         WINHTTP_HEADER_NAME_BY_INDEX, &status, &size, WINHTTP_NO_HEADER_INDEX);
+    if (c->token_held_back) { /* the probe's connection was gone: probe again */
+        *again = 1;
+        goto done;
+    }
     if (status == 401 || status == 403) {
         set_error(c, L"the hub refused the token (HTTP %lu%ls)", status,
                   status == 401 ? L": no token given" : L": token not valid");
@@ -218,6 +338,29 @@ static int open_link(conn *c)
     result = LINK_UP;
 done:
     if (request) WinHttpCloseHandle(request); /* the WebSocket handle lives on without it */
+    return result;
+}
+
+/* Connect and upgrade to a WebSocket; on LINK_UP c->connection and c->ws are open. */
+static int open_link(conn *c)
+{
+    c->connection = WinHttpConnect(c->session, c->host, c->port, 0);
+    if (!c->connection) {
+        set_winhttp_error(c, L"cannot connect to", GetLastError());
+        return LINK_FAILED;
+    }
+    int result = LINK_FAILED, again = 1;
+    for (int tries = 0; again && tries < 3; tries++) {
+        if (c->pinned && !probe_certificate(c)) {
+            again = 0; /* it said why */
+            break;
+        }
+        result = upgrade(c, &again);
+    }
+    if (again)
+        set_error(c, L"TLS: the certificate of %ls:%u is the pinned one, but the connection it "
+                     L"was checked on was closed each time before the token could follow",
+                  c->host, (unsigned)c->port);
     if (result != LINK_UP) {
         WinHttpCloseHandle(c->connection);
         c->connection = NULL;

@@ -7,6 +7,7 @@
  *
  *   version                      ok <Mt5HubVersion()>
  *   open <url> <token|-> <flags> ok <handle or error>         (- passes a NULL token)
+ *   openpin <url> <token|-> <fingerprint...>   Mt5HubOpenPinned: ok <handle or error>
  *   send <h> <json...>           ok <result> <microseconds the call took>
  *   sendmany <h> <n> <json...>   n sends, "$i" in json replaced by 1..n:
  *                                ok <last result> <slowest call us> <all calls us>
@@ -48,6 +49,7 @@ static stat_fn p_stat;
 static close_fn p_close;
 static void_fn p_threads, p_version;
 static int(__cdecl *p_lease)(int, int);
+static int(__cdecl *p_open_pinned)(const wchar_t *, const wchar_t *, const wchar_t *);
 
 /* Returns 0 so that handlers can `return reply(...)`. */
 static int reply(const char *fmt, ...)
@@ -77,8 +79,10 @@ static int load(void)
     p_threads = (void_fn)(void *)GetProcAddress(dll, "Mt5HubThreads");
     p_version = (void_fn)(void *)GetProcAddress(dll, "Mt5HubVersion");
     p_lease = (int(__cdecl *)(int, int))(void *)GetProcAddress(dll, "Mt5HubSetLease");
+    p_open_pinned = (int(__cdecl *)(const wchar_t *, const wchar_t *, const wchar_t *))(void *)
+        GetProcAddress(dll, "Mt5HubOpenPinned");
     return p_open && p_send && p_status && p_last_error && p_stat && p_close && p_threads &&
-           p_version && p_lease;
+           p_version && p_lease && p_open_pinned;
 }
 
 static wchar_t *widen(const char *s)
@@ -162,6 +166,17 @@ static int run(char *line)
          * left Mt5HubThreads() may still be finishing its exit, so give it a moment. */
         for (int i = 0; i < 500 && GetModuleHandleW(L"mt5hub.dll"); i++) Sleep(10);
         return reply("ok %s", GetModuleHandleW(L"mt5hub.dll") ? "still-loaded" : "unloaded");
+    }
+    if (!strcmp(cmd, "openpin")) {
+        char *url = word(&rest), *token = word(&rest);
+        if (!token) return reply("bad usage: openpin <url> <token|-> <fingerprint>");
+        wchar_t *wurl = widen(url), *wtoken = strcmp(token, "-") ? widen(token) : NULL;
+        wchar_t *wpin = widen(rest);
+        int h = p_open_pinned(wurl, wtoken, wpin);
+        free(wurl);
+        free(wtoken);
+        free(wpin);
+        return reply("ok %d", h);
     }
     if (!strcmp(cmd, "open")) {
         char *url = word(&rest), *token = word(&rest), *flags = word(&rest);

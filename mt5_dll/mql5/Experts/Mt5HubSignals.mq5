@@ -16,7 +16,8 @@
 
 input string InpHubUrl          = "wss://127.0.0.1:8443/ws/dll";   // Hub URL (wss://host:port/ws/dll)
 input string InpHubToken        = "";                              // Publisher token
-input bool   InpAllowSelfSigned = false;                           // Accept a self-signed certificate (development only)
+input string InpCertSha256      = "";                              // Hub certificate SHA-256 (self-signed hub: pin it)
+input bool   InpAllowAnyCert    = false;                           // Accept ANY certificate (tests only: the token can leak)
 input string InpKey             = "EA1";                           // Table key
 input string InpPairs           = "EURUSD,GBPUSD,USDJPY,AUDUSD";   // Pairs, comma-separated
 input string InpTimeframes      = "M5,M15,H1,H4,D1";               // Timeframes, comma-separated
@@ -116,7 +117,7 @@ int OnInit()
 //--- OnTimer calls Report (Mt5HubStatus), which renews the handle's lease: three missed timer
 //--- periods (and at least the default minute) and the DLL takes the EA for gone.
    int lease = MathMax(MT5HUB_LEASE_DEFAULT, 3 * InpTimerSeconds);
-   if(!g_hub.Open(InpHubUrl, InpHubToken, InpAllowSelfSigned, lease))
+   if(!g_hub.Open(InpHubUrl, InpHubToken, InpCertSha256, InpAllowAnyCert, lease))
       return(INIT_PARAMETERS_INCORRECT);
    EventSetTimer(InpTimerSeconds);
    return(INIT_SUCCEEDED);

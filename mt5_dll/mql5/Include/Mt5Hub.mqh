@@ -13,7 +13,7 @@
 //--- Keep in step with mt5_dll/include/mt5hub.h.
 #define MT5HUB_VERSION             1
 
-#define MT5HUB_FLAG_INSECURE_TLS   1   // accept any certificate: self-signed development hub only
+#define MT5HUB_FLAG_INSECURE_TLS   1   // accept ANY certificate: tests only (see Mt5HubOpenPinned)
 
 #define MT5HUB_STATE_CONNECTING    0
 #define MT5HUB_STATE_CONNECTED     1
@@ -52,6 +52,7 @@
 //--- MQL5 passes a string as a UTF-16 pointer, int& as a pointer, an array as its data.
 #import "mt5hub.dll"
 int  Mt5HubOpen(string url, string token, int flags);
+int  Mt5HubOpenPinned(string url, string token, string sha256_fingerprint);
 int  Mt5HubSend(int handle, string json);
 int  Mt5HubStatus(int handle, int &queued);
 int  Mt5HubLastError(int handle, ushort &buffer[], int size);
@@ -155,12 +156,16 @@ public:
                     ~CMt5Hub(void) { Close(); }
 
    //--- Start connecting in the background. False (and a log line) if url or token are unusable.
-   //--- lease_seconds: longer than the EA's timer period (0: no lease).
-   bool              Open(const string url, const string token, const bool allow_self_signed = false,
+   //--- certificate_sha256: for a hub with a self-signed certificate, its SHA-256 fingerprint (the
+   //--- hub logs it at start): exactly that certificate is accepted. allow_any_certificate: tests
+   //--- only. lease_seconds: longer than the EA's timer period (0: no lease).
+   bool              Open(const string url, const string token, const string certificate_sha256 = "",
+                          const bool allow_any_certificate = false,
                           const int lease_seconds = MT5HUB_LEASE_DEFAULT)
      {
       Close();
-      int handle = Mt5HubOpen(url, token, allow_self_signed ? MT5HUB_FLAG_INSECURE_TLS : 0);
+      int handle = certificate_sha256 != "" ? Mt5HubOpenPinned(url, token, certificate_sha256)
+                   : Mt5HubOpen(url, token, allow_any_certificate ? MT5HUB_FLAG_INSECURE_TLS : 0);
       if(handle <= 0)
         {
          PrintFormat("mt5hub: cannot open %s: %s", url, Mt5HubResultText(handle));
