@@ -27,6 +27,7 @@ struct json_value {
     char *str;         /* JSON_STRING: unescaped UTF-8, NUL-terminated (may hold \u0000) */
     size_t len;        /* JSON_STRING: bytes; JSON_ARRAY: elements; JSON_OBJECT: members */
     json_value *items; /* JSON_ARRAY: the elements; JSON_OBJECT: name, value, name, value, ... */
+    void *arena;       /* the tree's memory: set in the root only */
 };
 
 typedef struct json_parse_result {
@@ -38,6 +39,7 @@ typedef struct json_parse_result {
  * Returns 1 and fills *out (free it with json_free), or 0. */
 int json_parse(const char *text, size_t len, json_value *out, json_parse_result *info);
 
+/* Free a tree json_parse made (its root); a zeroed json_value is fine too. */
 void json_free(json_value *v);
 
 /* The value of member `name` of an object (the last one if given twice, as in Python), or NULL
