@@ -117,7 +117,7 @@ int OnInit()
 //--- OnTimer calls Report (Mt5HubStatus), which renews the handle's lease: three missed timer
 //--- periods (and at least the default minute) and the DLL takes the EA for gone.
    int lease = MathMax(MT5HUB_LEASE_DEFAULT, 3 * InpTimerSeconds);
-   if(!g_hub.Open(InpHubUrl, InpHubToken, InpCertSha256, InpAllowAnyCert, lease))
+   if(!g_hub.Open(InpHubUrl, InpHubToken, InpAllowAnyCert, InpCertSha256, lease))
       return(INIT_PARAMETERS_INCORRECT);
    EventSetTimer(InpTimerSeconds);
    return(INIT_SUCCEEDED);

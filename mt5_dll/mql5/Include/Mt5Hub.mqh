@@ -156,11 +156,13 @@ public:
                     ~CMt5Hub(void) { Close(); }
 
    //--- Start connecting in the background. False (and a log line) if url or token are unusable.
+   //--- allow_any_certificate: tests only (anyone on the path could read the token).
    //--- certificate_sha256: for a hub with a self-signed certificate, its SHA-256 fingerprint (the
-   //--- hub logs it at start): exactly that certificate is accepted. allow_any_certificate: tests
-   //--- only. lease_seconds: longer than the EA's timer period (0: no lease).
-   bool              Open(const string url, const string token, const string certificate_sha256 = "",
+   //--- hub logs it at start): exactly that certificate is accepted.
+   //--- lease_seconds: longer than the EA's timer period (0: no lease).
+   bool              Open(const string url, const string token,
                           const bool allow_any_certificate = false,
+                          const string certificate_sha256 = "",
                           const int lease_seconds = MT5HUB_LEASE_DEFAULT)
      {
       Close();
@@ -188,10 +190,7 @@ public:
      {
       if(m_handle <= 0)
          return(MT5HUB_E_HANDLE);
-      int result = Mt5HubSend(m_handle, json);
-      if(result == MT5HUB_E_INVALID)
-         Print("mt5hub: ", LastError());   // which rule of the hub the table breaks
-      return(result);
+      return(Mt5HubSend(m_handle, json));   // MT5HUB_E_INVALID: LastError() (Report) says why
      }
 
    int               State(void)
