@@ -99,6 +99,10 @@ static void check_pin(conn *c, HINTERNET request)
         return;
     sha256(cert->pbCertEncoded, cert->cbCertEncoded, c->seen);
     c->pin_state = memcmp(c->seen, c->pin, sizeof c->pin) ? -1 : 1;
+    if (c->pin_state < 0) { /* never keep that connection for a later request (with the token) */
+        DWORD no_reuse = WINHTTP_DISABLE_KEEP_ALIVE;
+        WinHttpSetOption(request, WINHTTP_OPTION_DISABLE_FEATURE, &no_reuse, sizeof no_reuse);
+    }
     /* crypt32 is WinHTTP's, loaded already: no import of our own for one call. */
     typedef BOOL(WINAPI * free_fn)(PCCERT_CONTEXT);
     HMODULE crypt32 = GetModuleHandleW(L"crypt32.dll");
