@@ -29,9 +29,10 @@
 #define MT5HUB_STATE_REJECTED 3   /* the hub refused the token (HTTP 401/403); still retrying */
 
 /* Error results (all negative) */
-#define MT5HUB_E_HANDLE (-1)    /* unknown or closed handle */
-#define MT5HUB_E_ARG (-2)       /* NULL/empty text, invalid UTF-16, unknown flag, CR/LF in token */
-#define MT5HUB_E_URL (-3)       /* not ws://host[:port][/path] or wss://... */
+#define MT5HUB_E_HANDLE (-1)    /* unknown or closed handle, or one whose lease ran out */
+#define MT5HUB_E_ARG (-2)       /* NULL/empty text, invalid UTF-16, unknown flag, CR/LF in token,
+                                   not a SHA-256 fingerprint, a lease out of 0..86400 s */
+#define MT5HUB_E_URL (-3)       /* not ws://host[:port][/path] or wss://... (wss:// if pinned) */
 #define MT5HUB_E_JSON (-4)      /* not a JSON object (NaN/Infinity are not JSON either) */
 #define MT5HUB_E_NOT_TABLE (-5) /* a JSON object without string "key" and "src" */
 #define MT5HUB_E_TOO_LARGE (-6) /* over MT5HUB_MAX_MESSAGE bytes of UTF-8, or over a lower limit
