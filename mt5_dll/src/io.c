@@ -786,6 +786,11 @@ DWORD WINAPI io_main(void *arg)
         set_state(c, MT5HUB_STATE_WAITING);
         wait_for_stop(c, INFINITE);
     }
+    /* A handle whose lease ran out keeps its slot until an Open or Close reaps it: not its
+     * tables (up to MT5HUB_MAX_BYTES), which nobody can send any more. */
+    AcquireSRWLockExclusive(&c->lock);
+    if (c->expired) store_free(&c->tables);
+    ReleaseSRWLockExclusive(&c->lock);
     conn_release(c);
     thread_exit();
 }
