@@ -126,7 +126,15 @@ class PublisherSession(Session):
             raise FrameTooLarge(f"{len(message)} bytes")
         if not self.limiter.allow(len(message)):
             if self.limiter.notice_due():
-                raise ProtocolError("rate_limited", f"over {self.limiter.exceeded}")
+                limiter = self.limiter
+                raise ProtocolError(  # its limits in numbers, so that a client can slow down
+                    "rate_limited",
+                    f"over {limiter.exceeded}",
+                    limit=limiter.rate,
+                    burst=limiter.burst,
+                    byte_rate=limiter.byte_rate if limiter.byte_rate < math.inf else None,
+                    byte_burst=limiter.byte_burst,
+                )
             self.hub.metrics.rejects.labels("rate_limited").inc()
             return
         obj = parse_json(message)

@@ -7,9 +7,12 @@ authenticates, adapts the websocket, and reports.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import ssl
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,21 @@ from .viewer import ViewerSession
 
 log = logging.getLogger("mt5hub")
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+def certificate_fingerprint(config_source: str) -> str | None:
+    """SHA-256 of the WSS certificate (`certfile` of hub.toml, DER), as an EA pins it: "AB:CD:...".
+
+    None without a certificate. Hypercorn reads certfile relative to the working directory.
+    """
+    try:
+        certfile = tomllib.loads(Path(config_source).read_text(encoding="utf-8"))["certfile"]
+        pem = Path(certfile).read_text(encoding="ascii")
+        end = pem.index(ssl.PEM_FOOTER) + len(ssl.PEM_FOOTER)  # the first of a chain: the hub's
+        der = ssl.PEM_cert_to_DER_cert(pem[pem.index(ssl.PEM_HEADER) : end])
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
+        return None
+    return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 
 def _rss_bytes() -> int:
@@ -202,6 +220,8 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             runner = functools.partial(backplane.run, hub)
             await app.nursery.start(supervisor.run, "backplane", runner)
         log.info("mt5hub serving, config %s, binds %s", config.source, ", ".join(config.binds))
+        if fingerprint := certificate_fingerprint(config.source):
+            log.info("WSS certificate SHA-256 fingerprint (an EA may pin it): %s", fingerprint)
 
     @app.after_serving
     async def save_state() -> None:

@@ -138,3 +138,20 @@ def test_load_help_is_the_load_testers() -> None:
 def test_ea_bundle_is_wired_to_the_dll_makefile() -> None:
     done = run("ea-bundle", "--help")
     assert done.returncode == 0 and "make -C mt5_dll bundle" in done.stdout.replace("\n", " ")
+
+
+def test_ea_bundle_builds_the_zip_a_trader_unpacks_into_the_data_folder() -> None:
+    import zipfile
+
+    from conftest import require_tool
+
+    require_tool("x86_64-w64-mingw32-gcc", "builds mt5hub.dll")
+    done = run("ea-bundle", timeout=300)
+    assert done.returncode == 0, done.stderr
+    (bundle,) = (Path(line) for line in done.stdout.splitlines() if line.endswith(".zip"))
+    names = set(zipfile.ZipFile(bundle).namelist())
+    assert {
+        "MQL5/Libraries/mt5hub.dll",
+        "MQL5/Include/Mt5Hub.mqh",
+        "MQL5/Experts/Mt5HubSignals.mq5",
+    } <= names

@@ -19,7 +19,8 @@
 #define MT5HUB_VERSION 1 /* protocol v1; also what Mt5HubVersion() returns */
 
 /* Mt5HubOpen flags */
-#define MT5HUB_FLAG_INSECURE_TLS 1 /* accept any server certificate (self-signed dev hub only) */
+#define MT5HUB_FLAG_INSECURE_TLS 1 /* accept ANY server certificate: for tests only (anyone on the
+                                      path could read the token); see Mt5HubOpenPinned */
 
 /* Mt5HubStatus states */
 #define MT5HUB_STATE_CONNECTING 0 /* opening the connection */
@@ -28,9 +29,10 @@
 #define MT5HUB_STATE_REJECTED 3   /* the hub refused the token (HTTP 401/403); still retrying */
 
 /* Error results (all negative) */
-#define MT5HUB_E_HANDLE (-1)    /* unknown or closed handle */
-#define MT5HUB_E_ARG (-2)       /* NULL/empty text, invalid UTF-16, unknown flag, CR/LF in token */
-#define MT5HUB_E_URL (-3)       /* not ws://host[:port][/path] or wss://... */
+#define MT5HUB_E_HANDLE (-1)    /* unknown or closed handle, or one whose lease ran out */
+#define MT5HUB_E_ARG (-2)       /* NULL/empty text, invalid UTF-16, unknown flag, CR/LF in token,
+                                   not a SHA-256 fingerprint, a lease out of 0..86400 s */
+#define MT5HUB_E_URL (-3)       /* not ws://host[:port][/path] or wss://... (wss:// if pinned) */
 #define MT5HUB_E_JSON (-4)      /* not a JSON object (NaN/Infinity are not JSON either) */
 #define MT5HUB_E_NOT_TABLE (-5) /* a JSON object without string "key" and "src" */
 #define MT5HUB_E_TOO_LARGE (-6) /* over MT5HUB_MAX_MESSAGE bytes of UTF-8, or over a lower limit
@@ -38,6 +40,8 @@
 #define MT5HUB_E_FULL (-7)      /* the table store is full (MT5HUB_MAX_TABLES or _MAX_BYTES) */
 #define MT5HUB_E_LIMIT (-8)     /* MT5HUB_MAX_HANDLES handles are open already */
 #define MT5HUB_E_SYSTEM (-9)    /* out of memory, or no thread could be started */
+#define MT5HUB_E_INVALID (-10)  /* valid JSON, but a publish the hub would refuse (a rule of
+                                   docs/protocol.md): never queued; Mt5HubLastError says which */
 
 /* Mt5HubSend results (besides errors) */
 #define MT5HUB_QUEUED 0    /* the table's new state will be sent */
@@ -52,12 +56,20 @@
 #define MT5HUB_STAT_TABLES 5     /* tables held (their latest state is re-sent after a reconnect) */
 #define MT5HUB_STAT_BYTES 6      /* bytes of table state held */
 #define MT5HUB_STAT_PINGS 7      /* hub pings answered with a pong */
+#define MT5HUB_STAT_RETRY_MS 8   /* the delay before the next reconnect attempt (ms); 0 while
+                                    connected */
+#define MT5HUB_STAT_SEND_RATE 9  /* table frames per minute it sends at most: 2400 until the hub
+                                    says its rate limit is lower (rate_limited), then below it */
+#define MT5HUB_STAT_RESENT 10    /* tables queued again because the hub dropped frames over its
+                                    rate limit */
+#define MT5HUB_STAT_LAST MT5HUB_STAT_RESENT
 
 /* Limits */
 #define MT5HUB_MAX_HANDLES 64
 #define MT5HUB_MAX_MESSAGE (1024 * 1024) /* the hub's default websocket_max_message_size */
 #define MT5HUB_MAX_TABLES 512
 #define MT5HUB_MAX_BYTES (16 * 1024 * 1024)
+#define MT5HUB_LEASE_DEFAULT 60 /* seconds without a call before a handle is closed; see below */
 
 #ifdef __cplusplus
 extern "C" {
@@ -67,6 +79,14 @@ extern "C" {
  * `Authorization: Bearer <token>` (no header if token is NULL or empty). Returns a handle > 0 or
  * an error. Connecting happens in the background: watch Mt5HubStatus. */
 MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags);
+
+/* Like Mt5HubOpen(url, token, 0) for a wss:// hub with a self-signed certificate: accept exactly
+ * the certificate whose SHA-256 fingerprint is `sha256_fingerprint` (64 hex digits, colons and
+ * spaces allowed, e.g. openssl's "sha256 Fingerprint=AB:CD:..."), however its authority, host
+ * name and dates, and nothing else. The token is sent only on a connection whose certificate
+ * was checked. Returns a handle, MT5HUB_E_ARG (not a fingerprint) or MT5HUB_E_URL (not wss://). */
+MT5HUB_API int Mt5HubOpenPinned(const wchar_t *url, const wchar_t *token,
+                                const wchar_t *sha256_fingerprint);
 
 /* Store `json` (a publish: an object with string "key" and "src") as the latest state of its
  * table and return: the background thread sends it as soon as the link and rate allow. */
@@ -90,6 +110,14 @@ MT5HUB_API int Mt5HubClose(int handle);
  * connected, a reader), closing ones included. Each holds a reference to the DLL, so while this
  * is above 0 the DLL stays loaded: unloading never pulls the code from under a thread. */
 MT5HUB_API int Mt5HubThreads(void);
+
+/* Give the handle a lease of `seconds` (0: none; MT5HUB_LEASE_DEFAULT at open). Every call with
+ * the handle (Send, Status, LastError, Stat, SetLease) renews it; once `seconds` pass without
+ * one, the handle is closed as by Mt5HubClose: an EA that died without OnDeinit (a critical
+ * runtime error) does not leave its tables online forever. An EA whose OnTimer calls Status (or
+ * anything else) more often than that needs nothing more. Returns 0, MT5HUB_E_HANDLE or
+ * MT5HUB_E_ARG. */
+MT5HUB_API int Mt5HubSetLease(int handle, int seconds);
 
 /* MT5HUB_VERSION. */
 MT5HUB_API int Mt5HubVersion(void);

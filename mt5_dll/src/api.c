@@ -13,6 +13,7 @@
 
 #include "conn.h"
 #include "json.h"
+#include "publish.h"
 #include "store.h"
 #include "text.h"
 
@@ -43,18 +44,27 @@ static conn *acquire(int handle)
         conn_retain(c);
     }
     ReleaseSRWLockShared(&table_lock);
+    if (c && !conn_touch(c)) { /* its lease ran out: closed, though its slot is not free yet */
+        conn_release(c);
+        c = NULL;
+    }
     return c;
 }
 
-MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags)
+static int open_handle(const wchar_t *url, const wchar_t *token, int flags,
+                       const unsigned char *pin)
 {
     conn *c;
-    int rc = conn_create(url, token, flags, &c);
+    int rc = conn_create(url, token, flags, pin, &c);
     if (rc) return rc;
 
     int handle = MT5HUB_E_LIMIT;
     AcquireSRWLockExclusive(&table_lock);
     for (unsigned slot = 0; slot < MT5HUB_MAX_HANDLES; slot++) {
+        if (slots[slot].conn && conn_expired(slots[slot].conn)) { /* its lease ran out */
+            conn_release(slots[slot].conn);
+            slots[slot].conn = NULL;
+        }
         if (slots[slot].conn) continue;
         slots[slot].generation = slots[slot].generation % MAX_GENERATION + 1;
         slots[slot].conn = c;
@@ -78,6 +88,40 @@ MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags)
     return handle;
 }
 
+MT5HUB_API int Mt5HubOpen(const wchar_t *url, const wchar_t *token, int flags)
+{
+    return open_handle(url, token, flags, NULL);
+}
+
+/* "AB:CD:...", "abcd...", "sha256 Fingerprint=AB:CD:..." (openssl's output): 32 bytes. */
+static int parse_fingerprint(const wchar_t *text, unsigned char out[32])
+{
+    const wchar_t *eq = wcschr(text, L'=');
+    int digits = 0;
+    for (const wchar_t *p = eq ? eq + 1 : text; *p; p++) {
+        int v = *p >= L'0' && *p <= L'9'   ? *p - L'0'
+                : *p >= L'a' && *p <= L'f' ? *p - L'a' + 10
+                : *p >= L'A' && *p <= L'F' ? *p - L'A' + 10
+                                           : -1;
+        if (v < 0) {
+            if (*p == L':' || *p == L' ') continue;
+            return 0;
+        }
+        if (digits == 64) return 0;
+        out[digits / 2] = (unsigned char)(digits % 2 ? out[digits / 2] | v : v << 4);
+        digits++;
+    }
+    return digits == 64;
+}
+
+MT5HUB_API int Mt5HubOpenPinned(const wchar_t *url, const wchar_t *token,
+                                const wchar_t *sha256_fingerprint)
+{
+    unsigned char pin[32];
+    if (!sha256_fingerprint || !parse_fingerprint(sha256_fingerprint, pin)) return MT5HUB_E_ARG;
+    return open_handle(url, token, 0, pin);
+}
+
 MT5HUB_API int Mt5HubSend(int handle, const wchar_t *json)
 {
     if (!json || !*json) return MT5HUB_E_ARG;
@@ -86,24 +130,25 @@ MT5HUB_API int Mt5HubSend(int handle, const wchar_t *json)
     size_t len = 0;
     char *utf8 = utf16_to_utf8(json, MT5HUB_MAX_MESSAGE, &len, &rc);
     if (!utf8) return rc;
-    json_field fields[] = {{"key", NULL}, {"src", NULL}};
-    if (!json_scan_object(utf8, len, fields, 2))
-        rc = MT5HUB_E_JSON;
-    else if (!fields[0].value || !fields[1].value)
-        rc = MT5HUB_E_NOT_TABLE;
+    json_value doc;
+    char why[PUBLISH_WHY_CAP];
+    rc = publish_check(utf8, len, &doc, why);
 
-    if (rc == 0) {
-        conn *c = acquire(handle);
-        blob *state = c ? blob_new(utf8, len) : NULL;
-        if (!c)
-            rc = MT5HUB_E_HANDLE;
-        else if (!state)
+    conn *c = acquire(handle);
+    if (!c) {
+        rc = MT5HUB_E_HANDLE;
+    } else if (rc == MT5HUB_E_INVALID) {
+        conn_refused(c, why); /* the code alone does not say which rule: the last error does */
+    } else if (rc == 0) {
+        blob *state = blob_new(utf8, len);
+        if (!state)
             rc = MT5HUB_E_SYSTEM;
-        else if ((rc = conn_put(c, fields[0].value, fields[1].value, state)) < 0)
+        else if ((rc = conn_put(c, json_string(json_get(&doc, "key")),
+                                json_string(json_get(&doc, "src")), state)) < 0)
             blob_release(state);
-        if (c) conn_release(c);
     }
-    json_free_fields(fields, 2);
+    if (c) conn_release(c);
+    json_free(&doc); /* (a no-op if the check refused it) */
     free(utf8);
     return rc;
 }
@@ -151,6 +196,15 @@ MT5HUB_API int Mt5HubClose(int handle)
     conn_stop(c);    /* the thread flushes, closes and exits on its own */
     conn_release(c); /* the table's reference */
     return 0;
+}
+
+MT5HUB_API int Mt5HubSetLease(int handle, int seconds)
+{
+    conn *c = acquire(handle);
+    if (!c) return MT5HUB_E_HANDLE;
+    int rc = conn_set_lease(c, seconds);
+    conn_release(c);
+    return rc;
 }
 
 MT5HUB_API int Mt5HubThreads(void)

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "conn_internal.h"
+#include "text.h"
 
 #define DEFAULT_PATH L"/ws/dll"
 
@@ -25,6 +26,53 @@ void set_error_locked(conn *c, const wchar_t *fmt, ...)
     va_end(args);
     c->last_error[ERROR_CAP - 1] = L'\0';
     c->stats[MT5HUB_STAT_ERRORS]++;
+}
+
+/* ---- the lease ------------------------------------------------------------------------ */
+
+ULONGLONG lease_deadline(const conn *c)
+{
+    return c->lease_ms ? c->last_call + c->lease_ms : ~0ULL;
+}
+
+int lease_over_locked(conn *c, ULONGLONG now)
+{
+    if (c->expired) return 1;
+    if (!c->lease_ms || now < lease_deadline(c)) return 0;
+    set_error_locked(c, L"no call with this handle for %lu s: its lease ran out and it was "
+                        L"closed (did the EA stop without OnDeinit?)",
+                     (unsigned long)(c->lease_ms / 1000));
+    c->expired = c->stop = 1;
+    WakeAllConditionVariable(&c->wake);
+    return 1;
+}
+
+int conn_touch(conn *c)
+{
+    AcquireSRWLockExclusive(&c->lock);
+    ULONGLONG now = GetTickCount64();
+    int alive = !lease_over_locked(c, now);
+    if (alive) c->last_call = now;
+    ReleaseSRWLockExclusive(&c->lock);
+    return alive;
+}
+
+int conn_expired(conn *c)
+{
+    AcquireSRWLockShared(&c->lock);
+    int expired = c->expired;
+    ReleaseSRWLockShared(&c->lock);
+    return expired;
+}
+
+int conn_set_lease(conn *c, int seconds)
+{
+    if (seconds < 0 || seconds > 24 * 3600) return MT5HUB_E_ARG;
+    AcquireSRWLockExclusive(&c->lock);
+    c->lease_ms = (DWORD)seconds * 1000;
+    WakeAllConditionVariable(&c->wake); /* the I/O thread's waits count with the lease */
+    ReleaseSRWLockExclusive(&c->lock);
+    return 0;
 }
 
 /* ---- threads ------------------------------------------------------------------------- */
@@ -116,7 +164,8 @@ static void conn_free(conn *c)
     free(c);
 }
 
-int conn_create(const wchar_t *url, const wchar_t *token, int flags, conn **out)
+int conn_create(const wchar_t *url, const wchar_t *token, int flags, const unsigned char *pin,
+                conn **out)
 {
     if (!url || (flags & ~MT5HUB_FLAG_INSECURE_TLS)) return MT5HUB_E_ARG;
     /* A line break in the token would let it inject HTTP headers. */
@@ -127,11 +176,20 @@ int conn_create(const wchar_t *url, const wchar_t *token, int flags, conn **out)
     c->flags = flags;
     c->state = MT5HUB_STATE_CONNECTING;
     c->max_frame = MT5HUB_MAX_MESSAGE;
+    c->send_rate = SEND_RATE;
+    c->send_burst = SEND_BURST;
+    c->lease_ms = MT5HUB_LEASE_DEFAULT * 1000;
+    c->last_call = GetTickCount64();
     InitializeSRWLock(&c->lock);
     InitializeConditionVariable(&c->wake);
     c->rng = (unsigned)GetTickCount64() ^ (unsigned)(ULONG_PTR)c ^ GetCurrentThreadId();
     if (!c->rng) c->rng = 1;
     int rc = parse_url(c, url);
+    if (pin) {
+        c->pinned = 1;
+        memcpy(c->pin, pin, sizeof c->pin);
+        if (!rc && !c->secure) rc = MT5HUB_E_URL; /* a pin is about TLS: wss:// only */
+    }
     if (!rc && token && *token) {
         static const wchar_t prefix[] = L"Authorization: Bearer ";
         size_t n = wcslen(prefix) + wcslen(token);
@@ -190,6 +248,13 @@ int conn_put(conn *c, const char *key, const char *src, blob *state)
     return rc;
 }
 
+void conn_refused(conn *c, const char *why)
+{
+    wchar_t text[ERROR_CAP - 64];
+    utf8_to_utf16(why, text, ERROR_CAP - 64);
+    set_error(c, L"table refused, not queued (the hub would refuse it too): %ls", text);
+}
+
 int conn_status(conn *c, int *queued)
 {
     AcquireSRWLockShared(&c->lock);
@@ -214,10 +279,11 @@ int conn_last_error(conn *c, wchar_t *buffer, int size)
 
 long long conn_stat(conn *c, int which)
 {
-    if (which < 0 || which > MT5HUB_STAT_PINGS) return MT5HUB_E_ARG;
+    if (which < 0 || which > MT5HUB_STAT_LAST) return MT5HUB_E_ARG;
     AcquireSRWLockShared(&c->lock);
     long long value = which == MT5HUB_STAT_TABLES ? c->tables.count
                       : which == MT5HUB_STAT_BYTES ? (long long)c->tables.bytes
+                      : which == MT5HUB_STAT_SEND_RATE ? (long long)(c->send_rate * 60.0)
                                                    : c->stats[which];
     ReleaseSRWLockShared(&c->lock);
     return value;

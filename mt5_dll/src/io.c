@@ -16,21 +16,32 @@
 
 #include "conn_internal.h"
 #include "json.h"
+#include "sha256.h"
 #include "text.h"
 
 #define USER_AGENT L"mt5hub-dll/1"
 #define CONNECT_TIMEOUT_MS 10000 /* resolve, connect, and each send */
-#define RECEIVE_TIMEOUT_MS 30000 /* the upgrade answer; Windows' default, above PING_IDLE_MS */
+#define RECEIVE_TIMEOUT_MS 30000 /* Windows' default, above PING_IDLE_MS */
+#define HANDSHAKE_TIMEOUT_MS 10000 /* the TLS and upgrade answers: a hub that accepts TCP and
+                                      stays silent is given up on (Wine waits forever without) */
 #define BACKOFF_FIRST_MS 500
-#define BACKOFF_MAX_MS 30000
+#define BACKOFF_MAX_MS 4000 /* a dashboard is live again seconds after the hub's return */
 #define STABLE_LINK_MS 10000 /* a link that lived this long resets the backoff */
 #define PING_IDLE_MS 10000   /* no frame from the hub for this long: send {"type":"ping"} */
 #define DEAD_LINK_MS 25000   /* still nothing (two pings unanswered): drop the link, reconnect */
 #define CLOSE_FLUSH_MS 2000  /* on Mt5HubClose, how long the queue may still be sent */
 #define READER_JOIN_MS 2000  /* how long the hub may take to answer our close frame */
-#define SEND_RATE 40.0       /* table frames per second: below the hub's default rate_limit (50) */
-#define SEND_BURST 80.0      /* and its rate_burst (100), so a resync never trips the limit */
 #define MAX_INBOUND (1024 * 1024)
+#define RATE_MARGIN 0.9       /* after rate_limited: send at 90% of the hub's rate_limit */
+#define BURST_MARGIN 0.8      /* and 80% of its rate_burst */
+#define RESEND_WINDOW_MS 3000 /* frames sent this recently may be among those the hub dropped: it
+                                 says so at most once a second, and the news takes a round trip */
+
+#define WSAETIMEDOUT_CODE 10060 /* (winsock2.h is not needed for one number) */
+
+#ifndef WINHTTP_OPTION_ENABLE_HTTP_PROTOCOL /* not in older mingw-w64 headers */
+#define WINHTTP_OPTION_ENABLE_HTTP_PROTOCOL 133
+#endif
 
 static const char PING[] = "{\"type\":\"ping\"}";
 static const char PONG[] = "{\"type\":\"pong\"}";
@@ -53,19 +64,24 @@ static void set_state(conn *c, int state)
 
 static int stop_requested(conn *c)
 {
-    AcquireSRWLockShared(&c->lock);
+    AcquireSRWLockExclusive(&c->lock);
+    lease_over_locked(c, GetTickCount64());
     int stop = c->stop;
-    ReleaseSRWLockShared(&c->lock);
+    ReleaseSRWLockExclusive(&c->lock);
     return stop;
 }
 
-/* Sleep up to ms, waking early on Mt5HubClose. Returns nonzero if stop was requested. */
+/* Sleep up to ms, waking early on Mt5HubClose or when the lease runs out. Returns nonzero if
+ * stop was requested. */
 static int wait_for_stop(conn *c, DWORD ms)
 {
     ULONGLONG deadline = GetTickCount64() + ms;
     AcquireSRWLockExclusive(&c->lock);
-    for (ULONGLONG now; !c->stop && (now = GetTickCount64()) < deadline;)
-        SleepConditionVariableSRW(&c->wake, &c->lock, (DWORD)(deadline - now), 0);
+    for (ULONGLONG now; !c->stop && !lease_over_locked(c, now = GetTickCount64()) &&
+                        now < deadline;) {
+        ULONGLONG until = lease_deadline(c) < deadline ? lease_deadline(c) : deadline;
+        SleepConditionVariableSRW(&c->wake, &c->lock, (DWORD)(until - now), 0);
+    }
     int stop = c->stop;
     ReleaseSRWLockExclusive(&c->lock);
     return stop;
@@ -73,14 +89,54 @@ static int wait_for_stop(conn *c, DWORD ms)
 
 /* ---- handshake ------------------------------------------------------------------------- */
 
-/* Sync-mode WinHTTP still reports why it rejected a certificate through the status callback,
- * which runs on the calling thread during WinHttpSendRequest. */
-static void CALLBACK on_secure_failure(HINTERNET h, DWORD_PTR context, DWORD status, LPVOID info,
-                                       DWORD info_len)
+/* Pinned: compare the SHA-256 of the server's certificate (DER) with the pin. */
+static void check_pin(conn *c, HINTERNET request)
 {
-    (void)h;
-    if (status == WINHTTP_CALLBACK_STATUS_SECURE_FAILURE && info && info_len >= sizeof(DWORD))
-        ((conn *)context)->tls_failure = *(DWORD *)info;
+    PCCERT_CONTEXT cert = NULL;
+    DWORD size = sizeof cert;
+    c->pin_state = 0;
+    if (!WinHttpQueryOption(request, WINHTTP_OPTION_SERVER_CERT_CONTEXT, &cert, &size) || !cert)
+        return;
+    sha256(cert->pbCertEncoded, cert->cbCertEncoded, c->seen);
+    c->pin_state = memcmp(c->seen, c->pin, sizeof c->pin) ? -1 : 1;
+    if (c->pin_state < 0) { /* never keep that connection for a later request (with the token) */
+        DWORD no_reuse = WINHTTP_DISABLE_KEEP_ALIVE;
+        WinHttpSetOption(request, WINHTTP_OPTION_DISABLE_FEATURE, &no_reuse, sizeof no_reuse);
+    }
+    /* crypt32 is WinHTTP's, loaded already: no import of our own for one call. */
+    typedef BOOL(WINAPI * free_fn)(PCCERT_CONTEXT);
+    HMODULE crypt32 = GetModuleHandleW(L"crypt32.dll");
+    free_fn cert_free = crypt32 ? (free_fn)(void *)GetProcAddress(crypt32,
+                                                                  "CertFreeCertificateContext")
+                                : NULL;
+    if (cert_free) cert_free(cert);
+}
+
+/* Sync-mode WinHTTP calls this on the calling thread during WinHttpSendRequest: why it rejected a
+ * certificate, and, for a pinned handle, the moments to hold the token back and to check the
+ * certificate. */
+static void CALLBACK on_status(HINTERNET h, DWORD_PTR context, DWORD status, LPVOID info,
+                               DWORD info_len)
+{
+    conn *c = (conn *)context;
+    if (status == WINHTTP_CALLBACK_STATUS_SECURE_FAILURE && info && info_len >= sizeof(DWORD)) {
+        c->tls_failure = *(DWORD *)info;
+    } else if (status == WINHTTP_CALLBACK_STATUS_CONNECTING_TO_SERVER && c->pinned &&
+               c->auth_header) {
+        /* A new connection, whose certificate nobody checked yet: this request goes without
+         * the token (WinHTTP writes the request after connecting). The upgrade normally reuses
+         * the connection probe_certificate checked, and never comes here. */
+        WinHttpAddRequestHeaders(h, L"Authorization:", (DWORD)-1L, WINHTTP_ADDREQ_FLAG_REPLACE);
+        c->token_held_back = 1;
+    } else if (status == WINHTTP_CALLBACK_STATUS_SENDING_REQUEST && c->pinned) {
+        check_pin(c, h);
+    }
+}
+
+static void format_fingerprint(const unsigned char hash[32], wchar_t out[97])
+{
+    for (int i = 0; i < 32; i++) _snwprintf(out + 3 * i, 4, L"%02X:", hash[i]);
+    out[95] = L'\0';
 }
 
 /* Why the certificate was refused, from the secure-failure flags; NULL if WinHTTP did not say
@@ -101,26 +157,97 @@ static void set_tls_error(conn *c, DWORD code)
     describe_error(code, text, 256);
     if (problem)
         set_error(c, L"TLS: the certificate of %ls:%u is %ls (%ls). Use a certificate Windows "
-                     L"trusts; MT5HUB_FLAG_INSECURE_TLS is for a self-signed development hub only",
+                     L"trusts, or pin a self-signed one by its SHA-256 (Mt5HubOpenPinned; the hub "
+                     L"logs it at start). MT5HUB_FLAG_INSECURE_TLS is for tests only",
                   c->host, (unsigned)c->port, problem, text);
     else
-        set_error(c, L"TLS with %ls:%u failed: %ls. If the hub uses a self-signed development "
-                     L"certificate, open with MT5HUB_FLAG_INSECURE_TLS",
+        set_error(c, L"TLS with %ls:%u failed: %ls. If the hub uses a self-signed certificate, "
+                     L"pin it by its SHA-256 (Mt5HubOpenPinned; the hub logs it at start). "
+                     L"MT5HUB_FLAG_INSECURE_TLS is for tests only",
                   c->host, (unsigned)c->port, text);
 }
 
 enum { LINK_FAILED, LINK_REJECTED, LINK_UP };
 
-/* Connect and upgrade to a WebSocket; on LINK_UP c->connection and c->ws are open. */
-static int open_link(conn *c)
+/* Read an answer to its end, so that WinHTTP keeps the connection for the next request. */
+static void drain(HINTERNET request)
+{
+    char buf[4096];
+    DWORD n = 0;
+    for (int i = 0; i < 16 && WinHttpReadData(request, buf, sizeof buf, &n) && n; i++) continue;
+}
+
+static void set_pin_error(conn *c)
+{
+    wchar_t seen[97];
+    format_fingerprint(c->seen, seen);
+    if (c->pin_state < 0)
+        set_error(c, L"TLS: the certificate of %ls:%u is not the pinned one (the token was not "
+                     L"sent): its SHA-256 is %ls",
+                  c->host, (unsigned)c->port, seen);
+    else
+        set_error(c, L"TLS: the certificate of %ls:%u could not be read to compare it with the "
+                     L"pin (the token was not sent)",
+                  c->host, (unsigned)c->port);
+}
+
+/* Pinned: a plain GET of the WebSocket path, without the token, to see the certificate on a new
+ * connection. The hub answers 426 and keeps the connection (it closes one after refusing an
+ * upgrade, which is why the upgrade itself cannot be the probe); the upgrade with the token
+ * follows on it. Returns 1 if the certificate is the pinned one. */
+static int probe_certificate(conn *c)
+{
+    int ok = 0;
+    HINTERNET request = WinHttpOpenRequest(c->connection, L"GET", c->path, NULL,
+                                           WINHTTP_NO_REFERER, WINHTTP_DEFAULT_ACCEPT_TYPES,
+                                           WINHTTP_FLAG_SECURE);
+    if (!request) {
+        set_winhttp_error(c, L"cannot open a request to", GetLastError());
+        return 0;
+    }
+    DWORD ignore = SECURITY_FLAG_IGNORE_UNKNOWN_CA | SECURITY_FLAG_IGNORE_CERT_CN_INVALID |
+                   SECURITY_FLAG_IGNORE_CERT_DATE_INVALID | SECURITY_FLAG_IGNORE_CERT_WRONG_USAGE;
+    WinHttpSetOption(request, WINHTTP_OPTION_SECURITY_FLAGS, &ignore, sizeof ignore);
+    DWORD handshake_ms = HANDSHAKE_TIMEOUT_MS;
+    WinHttpSetOption(request, WINHTTP_OPTION_RECEIVE_RESPONSE_TIMEOUT, &handshake_ms,
+                     sizeof handshake_ms);
+    c->tls_failure = 0;
+    c->pin_state = 0;
+    DWORD_PTR context = (DWORD_PTR)c;
+    WinHttpSetOption(request, WINHTTP_OPTION_CONTEXT_VALUE, &context, sizeof context);
+    WinHttpSetStatusCallback(request, on_status,
+                             WINHTTP_CALLBACK_FLAG_SECURE_FAILURE |
+                                 WINHTTP_CALLBACK_FLAG_SEND_REQUEST,
+                             0);
+    if (!WinHttpSendRequest(request, WINHTTP_NO_ADDITIONAL_HEADERS, 0, WINHTTP_NO_REQUEST_DATA, 0,
+                            0, 0) ||
+        !WinHttpReceiveResponse(request, NULL)) {
+        DWORD code = GetLastError();
+        if (c->pin_state < 0)
+            set_pin_error(c);
+        else if (code == ERROR_WINHTTP_TIMEOUT || code == WSAETIMEDOUT_CODE)
+            set_error(c, L"%ls:%u did not answer within %u s: wrong address or port, hub down or "
+                         L"hung, or a firewall dropping it",
+                      c->host, (unsigned)c->port, HANDSHAKE_TIMEOUT_MS / 1000);
+        else
+            set_winhttp_error(c, L"cannot reach", code);
+    } else if (c->pin_state != 1) {
+        set_pin_error(c);
+    } else {
+        drain(request); /* so that WinHTTP keeps the connection for the upgrade */
+        ok = 1;
+    }
+    WinHttpCloseHandle(request);
+    return ok;
+}
+
+/* One upgrade request on c->connection. Pinned: sets *again if it went out on a new connection
+ * (the probe's was gone), which got it without the token: probe again. */
+static int upgrade(conn *c, int *again)
 {
     int result = LINK_FAILED;
     HINTERNET request = NULL;
-    c->connection = WinHttpConnect(c->session, c->host, c->port, 0);
-    if (!c->connection) {
-        set_winhttp_error(c, L"cannot connect to", GetLastError());
-        return LINK_FAILED;
-    }
+    *again = 0;
     request = WinHttpOpenRequest(c->connection, L"GET", c->path, NULL, WINHTTP_NO_REFERER,
                                  WINHTTP_DEFAULT_ACCEPT_TYPES, c->secure ? WINHTTP_FLAG_SECURE : 0);
     if (!request) {
@@ -128,38 +255,68 @@ static int open_link(conn *c)
         goto done;
     }
     if (c->secure) {
-        if (c->flags & MT5HUB_FLAG_INSECURE_TLS) {
+        /* Pinned: the pin decides, not the authority, host name or dates. */
+        if ((c->flags & MT5HUB_FLAG_INSECURE_TLS) || c->pinned) {
             DWORD ignore = SECURITY_FLAG_IGNORE_UNKNOWN_CA | SECURITY_FLAG_IGNORE_CERT_CN_INVALID |
                            SECURITY_FLAG_IGNORE_CERT_DATE_INVALID |
                            SECURITY_FLAG_IGNORE_CERT_WRONG_USAGE;
             WinHttpSetOption(request, WINHTTP_OPTION_SECURITY_FLAGS, &ignore, sizeof ignore);
         }
         c->tls_failure = 0;
+        c->pin_state = c->token_held_back = 0;
         DWORD_PTR context = (DWORD_PTR)c;
         WinHttpSetOption(request, WINHTTP_OPTION_CONTEXT_VALUE, &context, sizeof context);
-        WinHttpSetStatusCallback(request, on_secure_failure, WINHTTP_CALLBACK_FLAG_SECURE_FAILURE,
-                                 0);
+        DWORD events = WINHTTP_CALLBACK_FLAG_SECURE_FAILURE;
+        if (c->pinned)
+            events |= WINHTTP_CALLBACK_FLAG_CONNECT_TO_SERVER | WINHTTP_CALLBACK_FLAG_SEND_REQUEST;
+        WinHttpSetStatusCallback(request, on_status, events, 0);
     }
+    /* Without it Wine waits for the upgrade answer forever; Windows' default is 30 s. */
+    DWORD handshake_ms = HANDSHAKE_TIMEOUT_MS;
+    WinHttpSetOption(request, WINHTTP_OPTION_RECEIVE_RESPONSE_TIMEOUT, &handshake_ms,
+                     sizeof handshake_ms);
     if (!WinHttpSetOption(request, WINHTTP_OPTION_UPGRADE_TO_WEB_SOCKET, NULL, 0)) {
         set_winhttp_error(c, L"no WebSocket support in WinHTTP for", GetLastError());
         goto done;
     }
     const wchar_t *headers = c->auth_header ? c->auth_header : WINHTTP_NO_ADDITIONAL_HEADERS;
     DWORD headers_len = c->auth_header ? (DWORD)-1L : 0; /* -1: NUL-terminated */
-    if (!WinHttpSendRequest(request, headers, headers_len, WINHTTP_NO_REQUEST_DATA, 0, 0, 0) ||
-        !WinHttpReceiveResponse(request, NULL)) {
+    ULONGLONG started = GetTickCount64();
+    BOOL sent = WinHttpSendRequest(request, headers, headers_len, WINHTTP_NO_REQUEST_DATA, 0, 0, 0);
+    if (!sent || !WinHttpReceiveResponse(request, NULL)) {
         DWORD code = GetLastError();
-        if (c->secure && (c->tls_failure || code == ERROR_WINHTTP_SECURE_FAILURE ||
-                          code == ERROR_WINHTTP_SECURE_CHANNEL_ERROR))
+        /* A receive that timed out is WSAETIMEDOUT under Wine, ERROR_WINHTTP_TIMEOUT on Windows;
+         * a TLS handshake that got no answer is a secure channel error that took that long. */
+        int timed_out = code == ERROR_WINHTTP_TIMEOUT || code == WSAETIMEDOUT_CODE ||
+                        (code == ERROR_WINHTTP_SECURE_CHANNEL_ERROR && !c->tls_failure &&
+                         GetTickCount64() - started >= HANDSHAKE_TIMEOUT_MS - 1000);
+        if (timed_out && sent)
+            set_error(c, L"%ls:%u accepted the connection but did not answer the WebSocket "
+                         L"handshake within %u s: is it the hub (URL, port), is it hung?",
+                      c->host, (unsigned)c->port, HANDSHAKE_TIMEOUT_MS / 1000);
+        else if (timed_out && c->secure)
+            set_error(c, L"%ls:%u did not answer the connection or TLS handshake within %u s: "
+                         L"wrong address or port, hub down or hung, or a firewall dropping it",
+                      c->host, (unsigned)c->port, HANDSHAKE_TIMEOUT_MS / 1000);
+        else if (c->secure && (c->tls_failure || code == ERROR_WINHTTP_SECURE_FAILURE ||
+                               code == ERROR_WINHTTP_SECURE_CHANNEL_ERROR))
             set_tls_error(c, code);
         else
             set_winhttp_error(c, L"cannot reach", code);
         goto done;
     }
 
+    if (c->pinned && c->pin_state != 1) {
+        set_pin_error(c);
+        goto done;
+    }
     DWORD status = 0, size = sizeof status;
     WinHttpQueryHeaders(request, WINHTTP_QUERY_STATUS_CODE | WINHTTP_QUERY_FLAG_NUMBER,
                         WINHTTP_HEADER_NAME_BY_INDEX, &status, &size, WINHTTP_NO_HEADER_INDEX);
+    if (c->token_held_back) { /* the probe's connection was gone: probe again */
+        *again = 1;
+        goto done;
+    }
     if (status == 401 || status == 403) {
         set_error(c, L"the hub refused the token (HTTP %lu%ls)", status,
                   status == 401 ? L": no token given" : L": token not valid");
@@ -185,6 +342,29 @@ static int open_link(conn *c)
     result = LINK_UP;
 done:
     if (request) WinHttpCloseHandle(request); /* the WebSocket handle lives on without it */
+    return result;
+}
+
+/* Connect and upgrade to a WebSocket; on LINK_UP c->connection and c->ws are open. */
+static int open_link(conn *c)
+{
+    c->connection = WinHttpConnect(c->session, c->host, c->port, 0);
+    if (!c->connection) {
+        set_winhttp_error(c, L"cannot connect to", GetLastError());
+        return LINK_FAILED;
+    }
+    int result = LINK_FAILED, again = 1;
+    for (int tries = 0; again && tries < 3; tries++) {
+        if (c->pinned && !probe_certificate(c)) {
+            again = 0; /* it said why */
+            break;
+        }
+        result = upgrade(c, &again);
+    }
+    if (again)
+        set_error(c, L"TLS: the certificate of %ls:%u is the pinned one, but the connection it "
+                     L"was checked on was closed each time before the token could follow",
+                  c->host, (unsigned)c->port);
     if (result != LINK_UP) {
         WinHttpCloseHandle(c->connection);
         c->connection = NULL;
@@ -239,31 +419,62 @@ static void on_hub_close(conn *c, const reader_args *r)
     ReleaseSRWLockExclusive(&c->lock);
 }
 
+/* The hub dropped frames over its rate limit: it says so at most once a second, so which ones is
+ * not known. Slow down below its limit (it says the limit; an older hub does not, then halve) and
+ * send again every table sent in the last RESEND_WINDOW_MS, so the latest state of every table
+ * still arrives. Caller holds the lock. */
+static void on_rate_limited(conn *c, const json_value *limit, const json_value *burst)
+{
+    if (limit && limit->type == JSON_NUMBER && limit->number > 0) {
+        double rate = limit->number * RATE_MARGIN;
+        if (rate < c->send_rate) c->send_rate = rate;
+    } else {
+        c->send_rate /= 2;
+    }
+    if (c->send_rate < 0.1) c->send_rate = 0.1;
+    if (burst && burst->type == JSON_NUMBER && burst->number >= 1) {
+        double most = (double)(long long)(burst->number * BURST_MARGIN);
+        if (most < 1) most = 1;
+        if (most < c->send_burst) c->send_burst = most;
+    }
+    c->throttled = 1;
+    ULONGLONG now = GetTickCount64();
+    int marked = store_mark_sent_since(&c->tables, now > RESEND_WINDOW_MS ? now - RESEND_WINDOW_MS
+                                                                        : 0);
+    c->stats[MT5HUB_STAT_RESENT] += marked;
+    WakeAllConditionVariable(&c->wake);
+}
+
 static void on_hub_message(conn *c, const reader_args *r, const char *text, size_t len)
 {
-    json_field fields[] = {{"type", NULL}, {"code", NULL}, {"detail", NULL}};
-    if (json_scan_object(text, len, fields, 3) && fields[0].value) {
-        if (!strcmp(fields[0].value, "ping")) {
-            AcquireSRWLockExclusive(&c->lock);
-            if (is_current(c, r)) {
-                c->pong_owed = 1;
-                WakeAllConditionVariable(&c->wake);
-            }
-            ReleaseSRWLockExclusive(&c->lock);
-        } else if (!strcmp(fields[0].value, "error")) {
-            wchar_t code[64], detail[400];
-            utf8_to_utf16(fields[1].value ? fields[1].value : "?", code, 64);
-            utf8_to_utf16(fields[2].value ? fields[2].value : "", detail, 400);
-            AcquireSRWLockExclusive(&c->lock);
-            if (is_current(c, r)) {
-                set_error_locked(c, L"hub error %ls: %ls", code, detail);
-                c->stats[MT5HUB_STAT_HUB_ERRORS]++;
-            }
-            ReleaseSRWLockExclusive(&c->lock);
+    json_value msg;
+    if (!json_parse(text, len, &msg, NULL)) return;
+    const char *type = json_string(json_get(&msg, "type"));
+    if (type && !strcmp(type, "ping")) {
+        AcquireSRWLockExclusive(&c->lock);
+        if (is_current(c, r)) {
+            c->pong_owed = 1;
+            WakeAllConditionVariable(&c->wake);
         }
-        /* "pong" and unknown types: receiving them already proved the link alive. */
+        ReleaseSRWLockExclusive(&c->lock);
+    } else if (type && !strcmp(type, "error")) {
+        const char *code8 = json_string(json_get(&msg, "code"));
+        const char *detail8 = json_string(json_get(&msg, "detail"));
+        wchar_t code[64], detail[400];
+        utf8_to_utf16(code8 ? code8 : "?", code, 64);
+        utf8_to_utf16(detail8 ? detail8 : "", detail, 400);
+        AcquireSRWLockExclusive(&c->lock);
+        if (is_current(c, r)) {
+            int limited = code8 && !strcmp(code8, "rate_limited");
+            if (limited) on_rate_limited(c, json_get(&msg, "limit"), json_get(&msg, "burst"));
+            set_error_locked(c, L"hub error %ls: %ls%ls", code, detail,
+                             limited ? L" (slowing down, sending the dropped tables again)" : L"");
+            c->stats[MT5HUB_STAT_HUB_ERRORS]++;
+        }
+        ReleaseSRWLockExclusive(&c->lock);
     }
-    json_free_fields(fields, 3);
+    /* "pong" and unknown types: receiving them already proved the link alive. */
+    json_free(&msg);
 }
 
 static DWORD WINAPI reader_main(void *arg)
@@ -351,7 +562,9 @@ static DWORD min_ms(DWORD a, ULONGLONG b)
  * has passed. */
 static void pump(conn *c)
 {
-    double tokens = SEND_BURST;
+    AcquireSRWLockShared(&c->lock);
+    double tokens = c->send_burst; /* a new link: the hub's bucket is full */
+    ReleaseSRWLockShared(&c->lock);
     ULONGLONG refilled = GetTickCount64(), last_ping = 0, flush_deadline = 0;
     for (;;) {
         const char *text = NULL;
@@ -361,11 +574,16 @@ static void pump(conn *c)
         AcquireSRWLockExclusive(&c->lock);
         for (;;) {
             ULONGLONG now = GetTickCount64();
-            tokens += (double)(now - refilled) * SEND_RATE / 1000.0;
-            if (tokens > SEND_BURST) tokens = SEND_BURST;
+            tokens += (double)(now - refilled) * c->send_rate / 1000.0;
+            if (tokens > c->send_burst) tokens = c->send_burst;
+            if (c->throttled) { /* the hub's bucket is empty right now */
+                c->throttled = 0;
+                if (tokens > 0) tokens = 0;
+            }
             refilled = now;
 
             if (c->link_dead) break;
+            lease_over_locked(c, now); /* then it stops like Mt5HubClose: flush, close */
             if (c->stop) {
                 if (!flush_deadline) flush_deadline = now + CLOSE_FLUSH_MS;
                 if (!c->tables.dirty || now >= flush_deadline) break;
@@ -373,6 +591,7 @@ static void pump(conn *c)
             if (c->pong_owed) {
                 c->pong_owed = 0;
                 c->stats[MT5HUB_STAT_PINGS]++;
+                tokens -= 1.0; /* the hub counts every frame against its rate limit */
                 text = PONG, len = sizeof PONG - 1;
                 break;
             }
@@ -385,11 +604,12 @@ static void pump(conn *c)
             ULONGLONG ping_due = (c->last_rx > last_ping ? c->last_rx : last_ping) + PING_IDLE_MS;
             if (!c->stop && now >= ping_due) {
                 last_ping = now;
+                tokens -= 1.0;
                 text = PING, len = sizeof PING - 1;
                 break;
             }
             if (c->tables.dirty && tokens >= 1.0) {
-                table = store_take(&c->tables);
+                table = store_take(&c->tables, now);
                 tokens -= 1.0;
                 text = table->data, len = table->len;
                 break;
@@ -398,8 +618,9 @@ static void pump(conn *c)
             DWORD wait = min_ms(INFINITE - 1, ping_due - now);
             wait = min_ms(wait, c->last_rx + DEAD_LINK_MS - now);
             if (c->tables.dirty) /* waiting for the rate limit's next token */
-                wait = min_ms(wait, (ULONGLONG)((1.0 - tokens) * 1000.0 / SEND_RATE) + 1);
+                wait = min_ms(wait, (ULONGLONG)((1.0 - tokens) * 1000.0 / c->send_rate) + 1);
             if (flush_deadline) wait = min_ms(wait, flush_deadline - now);
+            if (!c->stop) wait = min_ms(wait, lease_deadline(c) - now);
             SleepConditionVariableSRW(&c->wake, &c->lock, wait, 0);
         }
         ReleaseSRWLockExclusive(&c->lock);
@@ -481,7 +702,8 @@ static unsigned next_random(conn *c)
     return c->rng;
 }
 
-/* Exponential backoff with "equal jitter": between half and all of 0.5 s * 2^attempt, capped. */
+/* Exponential backoff with "equal jitter": between half and all of 0.5 s * 2^attempt, capped at
+ * BACKOFF_MAX_MS (so 0.25-0.5 s, 0.5-1 s, 1-2 s, then 2-4 s for as long as the hub is away). */
 static DWORD backoff_ms(conn *c, unsigned attempt)
 {
     DWORD cap = BACKOFF_FIRST_MS << (attempt < 6 ? attempt : 6);
@@ -516,6 +738,7 @@ static void run(conn *c)
             c->last_rx = up_since;
             c->state = MT5HUB_STATE_CONNECTED;
             c->stats[MT5HUB_STAT_CONNECTS]++;
+            c->stats[MT5HUB_STAT_RETRY_MS] = 0;
             store_mark_all_dirty(&c->tables); /* the hub may have restarted: give it everything */
             ReleaseSRWLockExclusive(&c->lock);
 
@@ -532,8 +755,12 @@ static void run(conn *c)
             if (GetTickCount64() - up_since >= STABLE_LINK_MS) attempt = 0;
         }
         if (stop_requested(c)) break;
-        set_state(c, link == LINK_REJECTED ? MT5HUB_STATE_REJECTED : MT5HUB_STATE_WAITING);
-        if (wait_for_stop(c, backoff_ms(c, attempt++))) break;
+        DWORD delay = backoff_ms(c, attempt++);
+        AcquireSRWLockExclusive(&c->lock);
+        c->state = link == LINK_REJECTED ? MT5HUB_STATE_REJECTED : MT5HUB_STATE_WAITING;
+        c->stats[MT5HUB_STAT_RETRY_MS] = delay;
+        ReleaseSRWLockExclusive(&c->lock);
+        if (wait_for_stop(c, delay)) break;
     }
 }
 
@@ -545,6 +772,12 @@ DWORD WINAPI io_main(void *arg)
     if (c->session) {
         WinHttpSetTimeouts(c->session, CONNECT_TIMEOUT_MS, CONNECT_TIMEOUT_MS, CONNECT_TIMEOUT_MS,
                            RECEIVE_TIMEOUT_MS);
+        /* HTTP/1.1 only: a WebSocket upgrade needs it, and Windows 10+ may otherwise offer h2
+         * (ALPN) to a hub that speaks it. 0 enables no later protocol; a WinHTTP that does not
+         * know the option (older Windows, Wine) speaks nothing but HTTP/1.1 anyway. */
+        DWORD http1_only = 0;
+        WinHttpSetOption(c->session, WINHTTP_OPTION_ENABLE_HTTP_PROTOCOL, &http1_only,
+                         sizeof http1_only);
         run(c);
         WinHttpCloseHandle(c->session);
         c->session = NULL;
@@ -553,6 +786,11 @@ DWORD WINAPI io_main(void *arg)
         set_state(c, MT5HUB_STATE_WAITING);
         wait_for_stop(c, INFINITE);
     }
+    /* A handle whose lease ran out keeps its slot until an Open or Close reaps it: not its
+     * tables (up to MT5HUB_MAX_BYTES), which nobody can send any more. */
+    AcquireSRWLockExclusive(&c->lock);
+    if (c->expired) store_free(&c->tables);
+    ReleaseSRWLockExclusive(&c->lock);
     conn_release(c);
     thread_exit();
 }

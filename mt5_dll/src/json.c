@@ -1,20 +1,75 @@
-/* json.c: see json.h. A recursive-descent checker over a byte range; no allocation except for the
- * values of the requested fields. */
+/* json.c: see json.h. A recursive-descent parser over a byte range. Everything a tree holds comes
+ * from one arena, freed at once: a 28 x 9 table is some 1,500 values, and a malloc per value
+ * cost more than the parsing. A container's children are parsed onto a scratch stack and copied
+ * into the arena once their number is known. */
 #include "json.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_DEPTH 64
 
+typedef struct block {
+    struct block *next;
+    size_t used, cap;
+    max_align_t data[]; /* (aligned for json_value) */
+} block;
+
 typedef struct scanner {
     const char *p;
     const char *end;
     int depth;
+    int lone_surrogate;
+    block *arena;      /* newest block first */
+    json_value *stack; /* children of the containers being parsed */
+    size_t top, cap;
 } scanner;
 
-static int parse_value(scanner *s);
+/* n bytes from the arena (aligned), or NULL. */
+static void *arena_alloc(scanner *s, size_t n)
+{
+    n = (n + sizeof(max_align_t) - 1) / sizeof(max_align_t) * sizeof(max_align_t);
+    block *b = s->arena;
+    if (!b || b->cap - b->used < n) {
+        size_t cap = n > 16384 ? n : 16384;
+        b = malloc(sizeof *b + cap);
+        if (!b) return NULL;
+        b->next = s->arena, b->used = 0, b->cap = cap;
+        s->arena = b;
+    }
+    void *p = (char *)b->data + b->used;
+    b->used += n;
+    return p;
+}
+
+static int push(scanner *s, const json_value *v)
+{
+    if (s->top == s->cap) {
+        size_t cap = s->cap ? s->cap * 2 : 256;
+        json_value *grown = realloc(s->stack, cap * sizeof *grown);
+        if (!grown) return 0;
+        s->stack = grown;
+        s->cap = cap;
+    }
+    s->stack[s->top++] = *v;
+    return 1;
+}
+
+/* Move the children pushed since `base` into out->items (in the arena). */
+static int pop_into(scanner *s, size_t base, json_value *out)
+{
+    size_t n = s->top - base;
+    out->items = n ? arena_alloc(s, n * sizeof *out->items) : NULL;
+    if (n && !out->items) return 0;
+    if (n) memcpy(out->items, s->stack + base, n * sizeof *out->items);
+    s->top = base;
+    out->len = n;
+    return 1;
+}
+
+static int parse_value(scanner *s, json_value *out);
 
 static void skip_ws(scanner *s)
 {
@@ -65,34 +120,29 @@ static size_t put_utf8(char *out, unsigned cp)
     return 4;
 }
 
-/* Checks a string starting at the opening quote. If `decoded` is not NULL, stores the unescaped
- * value there (malloc'd; escapes never expand, so the raw length is enough room). */
-static int parse_string(scanner *s, char **decoded)
+/* A string starting at the opening quote, unescaped into out (escapes never expand, so the raw
+ * length is enough room). */
+static int parse_string(scanner *s, json_value *out)
 {
     const char *start = ++s->p; /* past the quote */
-    char *out = NULL;
+    const char *q = start;
+    while (q < s->end && *q != '"') q += (*q == '\\' && q + 1 < s->end) ? 2 : 1;
+    char *buf = arena_alloc(s, (size_t)(q - start) + 1);
     size_t n = 0;
-    if (decoded) {
-        /* Worst case is the raw length: every escape decodes to no more bytes than it spans. */
-        const char *q = start;
-        while (q < s->end && *q != '"') q += (*q == '\\' && q + 1 < s->end) ? 2 : 1;
-        out = malloc((size_t)(q - start) + 1);
-        if (!out) return 0;
-    }
+    if (!buf) return 0;
     while (s->p < s->end) {
         unsigned char c = (unsigned char)*s->p;
         if (c == '"') {
             s->p++;
-            if (decoded) {
-                out[n] = '\0';
-                free(*decoded); /* a duplicate member: the last one wins */
-                *decoded = out;
-            }
+            buf[n] = '\0';
+            out->type = JSON_STRING;
+            out->str = buf;
+            out->len = n;
             return 1;
         }
         if (c < 0x20) break; /* control characters must be escaped */
         if (c != '\\') {
-            if (out) out[n++] = (char)c;
+            buf[n++] = (char)c;
             s->p++;
             continue;
         }
@@ -101,7 +151,7 @@ static int parse_string(scanner *s, char **decoded)
         s->p += 2;
         const char *simple = strchr("\"\\/bfnrt", e);
         if (e && simple) {
-            if (out) out[n++] = "\"\\/\b\f\n\r\t"[simple - "\"\\/bfnrt"];
+            buf[n++] = "\"\\/\b\f\n\r\t"[simple - "\"\\/bfnrt"];
             continue;
         }
         if (e != 'u' || s->end - s->p < 4) break;
@@ -116,14 +166,16 @@ static int parse_string(scanner *s, char **decoded)
                 s->p += 6;
             }
         }
-        if (cp >= 0xD800 && cp <= 0xDFFF) cp = 0xFFFD; /* a lone surrogate: valid JSON, not UTF-8 */
-        if (out) n += put_utf8(out + n, cp);
+        if (cp >= 0xD800 && cp <= 0xDFFF) {
+            s->lone_surrogate = 1;
+            cp = 0xFFFD;
+        }
+        n += put_utf8(buf + n, cp);
     }
-    free(out);
     return 0;
 }
 
-static int parse_number(scanner *s)
+static int parse_number(scanner *s, json_value *out)
 {
     const char *start = s->p;
     if (s->p < s->end && *s->p == '-') s->p++;
@@ -153,22 +205,26 @@ static int parse_number(scanner *s)
     if (!copy) return 0;
     memcpy(copy, start, len);
     copy[len] = '\0';
-    int finite = isfinite(strtod(copy, NULL));
+    out->type = JSON_NUMBER;
+    out->number = strtod(copy, NULL);
     if (copy != local) free(copy);
-    return finite;
+    return isfinite(out->number);
 }
 
-static int parse_literal(scanner *s, const char *word)
+static int parse_literal(scanner *s, const char *word, json_type type, json_value *out)
 {
     size_t n = strlen(word);
     if ((size_t)(s->end - s->p) < n || memcmp(s->p, word, n) != 0) return 0;
     s->p += n;
+    out->type = type;
     return 1;
 }
 
-/* An object's members; at depth 1 (the top level) the requested fields are captured. */
-static int parse_object(scanner *s, json_field *fields, int nfields)
+/* Members go into items as name, value pairs; len counts members. */
+static int parse_object(scanner *s, json_value *out)
 {
+    size_t base = s->top;
+    out->type = JSON_OBJECT;
     s->p++; /* '{' */
     skip_ws(s);
     if (s->p < s->end && *s->p == '}') {
@@ -176,32 +232,21 @@ static int parse_object(scanner *s, json_field *fields, int nfields)
         return 1;
     }
     for (;;) {
+        json_value v = {0};
         skip_ws(s);
         if (s->p >= s->end || *s->p != '"') return 0;
-        const char *name = s->p + 1;
-        if (!parse_string(s, NULL)) return 0;
-        size_t name_len = (size_t)(s->p - 1 - name);
+        if (!parse_string(s, &v) || !push(s, &v)) return 0;
         skip_ws(s);
         if (s->p >= s->end || *s->p != ':') return 0;
         s->p++;
-        skip_ws(s);
-        json_field *wanted = NULL;
-        for (int i = 0; i < nfields; i++)
-            if (strlen(fields[i].name) == name_len && !memcmp(fields[i].name, name, name_len))
-                wanted = &fields[i]; /* names we look for never contain escapes */
-        if (wanted && s->p < s->end && *s->p == '"') {
-            if (!parse_string(s, &wanted->value)) return 0;
-        } else {
-            if (wanted) { /* present but not a string: as if absent */
-                free(wanted->value);
-                wanted->value = NULL;
-            }
-            if (!parse_value(s)) return 0;
-        }
+        memset(&v, 0, sizeof v);
+        if (!parse_value(s, &v) || !push(s, &v)) return 0;
         skip_ws(s);
         if (s->p >= s->end) return 0;
         if (*s->p == '}') {
             s->p++;
+            if (!pop_into(s, base, out)) return 0;
+            out->len /= 2;
             return 1;
         }
         if (*s->p != ',') return 0;
@@ -209,8 +254,10 @@ static int parse_object(scanner *s, json_field *fields, int nfields)
     }
 }
 
-static int parse_array(scanner *s)
+static int parse_array(scanner *s, json_value *out)
 {
+    size_t base = s->top;
+    out->type = JSON_ARRAY;
     s->p++; /* '[' */
     skip_ws(s);
     if (s->p < s->end && *s->p == ']') {
@@ -218,19 +265,20 @@ static int parse_array(scanner *s)
         return 1;
     }
     for (;;) {
-        if (!parse_value(s)) return 0;
+        json_value v = {0};
+        if (!parse_value(s, &v) || !push(s, &v)) return 0;
         skip_ws(s);
         if (s->p >= s->end) return 0;
         if (*s->p == ']') {
             s->p++;
-            return 1;
+            return pop_into(s, base, out);
         }
         if (*s->p != ',') return 0;
         s->p++;
     }
 }
 
-static int parse_value(scanner *s)
+static int parse_value(scanner *s, json_value *out)
 {
     skip_ws(s);
     if (s->p >= s->end) return 0;
@@ -239,37 +287,69 @@ static int parse_value(scanner *s)
     case '{':
     case '[':
         if (++s->depth > MAX_DEPTH) return 0;
-        ok = *s->p == '{' ? parse_object(s, NULL, 0) : parse_array(s);
+        ok = *s->p == '{' ? parse_object(s, out) : parse_array(s, out);
         s->depth--;
         return ok;
     case '"':
-        return parse_string(s, NULL);
+        return parse_string(s, out);
     case 't':
-        return parse_literal(s, "true");
+        return parse_literal(s, "true", JSON_TRUE, out);
     case 'f':
-        return parse_literal(s, "false");
+        return parse_literal(s, "false", JSON_FALSE, out);
     case 'n':
-        return parse_literal(s, "null");
+        return parse_literal(s, "null", JSON_NULL, out);
     default:
-        return parse_number(s);
+        return parse_number(s, out);
     }
 }
 
-int json_scan_object(const char *text, size_t len, json_field *fields, int nfields)
+static void free_arena(block *b)
 {
-    scanner s = {text, text + len, 1};
-    for (int i = 0; i < nfields; i++) fields[i].value = NULL;
-    skip_ws(&s);
-    if (s.p >= s.end || *s.p != '{') return 0;
-    if (!parse_object(&s, fields, nfields)) return 0;
-    skip_ws(&s);
-    return s.p == s.end;
+    while (b) {
+        block *next = b->next;
+        free(b);
+        b = next;
+    }
 }
 
-void json_free_fields(json_field *fields, int nfields)
+int json_parse(const char *text, size_t len, json_value *out, json_parse_result *info)
 {
-    for (int i = 0; i < nfields; i++) {
-        free(fields[i].value);
-        fields[i].value = NULL;
+    scanner s = {text, text + len, 0, 0, NULL, NULL, 0, 0};
+    memset(out, 0, sizeof *out);
+    int ok = parse_value(&s, out);
+    if (ok) {
+        skip_ws(&s);
+        ok = s.p == s.end;
     }
+    free(s.stack);
+    if (!ok) {
+        free_arena(s.arena);
+        memset(out, 0, sizeof *out);
+        return 0;
+    }
+    out->arena = s.arena;
+    if (info) info->lone_surrogate = s.lone_surrogate;
+    return 1;
+}
+
+void json_free(json_value *v)
+{
+    free_arena(v->arena);
+    memset(v, 0, sizeof *v);
+}
+
+const json_value *json_get(const json_value *v, const char *name)
+{
+    if (!v || v->type != JSON_OBJECT) return NULL;
+    size_t name_len = strlen(name);
+    for (size_t i = v->len; i-- > 0;) {
+        const json_value *n = &v->items[2 * i];
+        if (n->len == name_len && !memcmp(n->str, name, name_len)) return &v->items[2 * i + 1];
+    }
+    return NULL;
+}
+
+const char *json_string(const json_value *v)
+{
+    return v && v->type == JSON_STRING ? v->str : NULL;
 }

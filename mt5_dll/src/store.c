@@ -60,13 +60,13 @@ int store_put(store *s, const char *key, const char *src, blob *state)
         free(r);
         return MT5HUB_E_SYSTEM;
     }
-    s->tables[s->count++] = (table_entry){k, r, state, ++s->next_order};
+    s->tables[s->count++] = (table_entry){k, r, state, ++s->next_order, 0};
     s->bytes += entry_bytes(key, src, state);
     s->dirty++;
     return MT5HUB_QUEUED;
 }
 
-blob *store_take(store *s)
+blob *store_take(store *s, unsigned long long now)
 {
     table_entry *oldest = NULL;
     for (int i = 0; i < s->count; i++) {
@@ -75,6 +75,7 @@ blob *store_take(store *s)
     }
     if (!oldest) return NULL;
     oldest->dirty_since = 0;
+    oldest->sent_at = now;
     s->dirty--;
     InterlockedIncrement(&oldest->state->refs);
     return oldest->state;
@@ -98,6 +99,20 @@ int store_drop_larger(store *s, size_t max_len)
         dropped++;
     }
     return dropped;
+}
+
+int store_mark_sent_since(store *s, unsigned long long since)
+{
+    int marked = 0;
+    for (int i = 0; i < s->count; i++) {
+        table_entry *t = &s->tables[i];
+        if (!t->dirty_since && t->sent_at && t->sent_at >= since) {
+            t->dirty_since = ++s->next_order;
+            s->dirty++;
+            marked++;
+        }
+    }
+    return marked;
 }
 
 void store_mark_all_dirty(store *s)

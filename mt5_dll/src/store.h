@@ -31,6 +31,7 @@ typedef struct table_entry {
     char *src;
     blob *state;
     unsigned long long dirty_since; /* 0: sent; else the order in which it became dirty */
+    unsigned long long sent_at;     /* when its state was last taken for sending (a tick) */
 } table_entry;
 
 typedef struct store {
@@ -47,9 +48,13 @@ typedef struct store {
  * `state`). */
 int store_put(store *s, const char *key, const char *src, blob *state);
 
-/* The dirty table that has waited longest, marked sent, with a reference for the caller; NULL if
- * none is dirty. */
-blob *store_take(store *s);
+/* The dirty table that has waited longest, marked sent at tick `now`, with a reference for the
+ * caller; NULL if none is dirty. */
+blob *store_take(store *s, unsigned long long now);
+
+/* Mark dirty again every clean table sent at tick `since` or later (frames the hub may have
+ * dropped); returns how many. */
+int store_mark_sent_since(store *s, unsigned long long since);
 
 /* Forget the tables whose state is over max_len bytes; returns how many. */
 int store_drop_larger(store *s, size_t max_len);

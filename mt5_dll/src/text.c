@@ -43,27 +43,48 @@ void utf8_to_utf16(const char *text, wchar_t *out, int cap)
     }
 }
 
-/* Our words for the errors an EA user will meet; anything else gets the system's text. */
+/* Our words for the errors an EA user will meet, with what to check; anything else gets the
+ * system's text. Winsock codes (100xx, 110xx) reach us through WinHTTP on some Windows versions
+ * and in system messages. */
 static const struct {
     DWORD code;
     const wchar_t *text;
 } known[] = {
-    {ERROR_WINHTTP_TIMEOUT, L"timed out"},
-    {ERROR_WINHTTP_NAME_NOT_RESOLVED, L"host name not resolved"},
+    {ERROR_WINHTTP_TIMEOUT, L"timed out: no answer in time (hub down or hung, or a firewall "
+                            L"dropping packets?)"},
+    {ERROR_WINHTTP_NAME_NOT_RESOLVED, L"host name not found (typo in the URL, or no DNS?)"},
     {ERROR_WINHTTP_CANNOT_CONNECT, L"cannot connect (is the hub running, is the port right?)"},
-    {ERROR_WINHTTP_CONNECTION_ERROR, L"connection reset or aborted"},
-    {ERROR_WINHTTP_INVALID_SERVER_RESPONSE, L"invalid server response"},
+    {ERROR_WINHTTP_CONNECTION_ERROR, L"connection reset or aborted (hub restarted, or a proxy "
+                                     L"or firewall cut it)"},
+    {ERROR_WINHTTP_INVALID_SERVER_RESPONSE, L"invalid server response (not an mt5hub hub, or "
+                                            L"ws:// to a TLS port?)"},
     {ERROR_WINHTTP_OPERATION_CANCELLED, L"operation cancelled"},
     {ERROR_WINHTTP_SECURE_FAILURE, L"TLS: server certificate rejected"},
-    {ERROR_WINHTTP_SECURE_CHANNEL_ERROR, L"TLS handshake failed (untrusted certificate?)"},
+    {ERROR_WINHTTP_SECURE_CHANNEL_ERROR, L"TLS handshake failed (untrusted certificate, or "
+                                         L"wss:// to a plain ws:// port?)"},
     {ERROR_WINHTTP_SECURE_INVALID_CA, L"TLS: certificate signed by an unknown authority"},
     {ERROR_WINHTTP_SECURE_CERT_CN_INVALID, L"TLS: certificate is for another host name"},
     {ERROR_WINHTTP_SECURE_CERT_DATE_INVALID, L"TLS: certificate expired or not yet valid"},
     {ERROR_WINHTTP_SECURE_INVALID_CERT, L"TLS: invalid certificate"},
     {ERROR_WINHTTP_CLIENT_AUTH_CERT_NEEDED, L"TLS: the server asks for a client certificate"},
     {ERROR_WINHTTP_UNRECOGNIZED_SCHEME, L"unrecognized URL scheme"},
+    {ERROR_WINHTTP_INVALID_URL, L"invalid URL"},
+    {ERROR_WINHTTP_LOGIN_FAILURE, L"login failure (a proxy asks for credentials?)"},
+    {ERROR_WINHTTP_AUTODETECTION_FAILED, L"proxy auto-detection failed"},
     {ERROR_INVALID_HANDLE, L"connection handle closed"},
     {ERROR_NOT_ENOUGH_MEMORY, L"out of memory"},
+    {10050, L"network is down"},
+    {10051, L"network unreachable (no route to the hub: check the address and the network)"},
+    {10053, L"connection aborted by this computer (firewall or antivirus?)"},
+    {10054, L"connection reset by the hub or a firewall on the way"},
+    {10060, L"connection timed out: the hub's address did not answer (wrong address, hub down, "
+            L"or a firewall dropping the port)"},
+    {10061, L"connection refused: nothing listens on that port (is the hub running, is the "
+            L"port right?)"},
+    {10064, L"host is down"},
+    {10065, L"host unreachable (no route to the hub's address)"},
+    {11001, L"host name not found (typo in the URL, or no DNS?)"},
+    {11002, L"host name lookup failed for now (DNS server not answering): retrying"},
 };
 
 void describe_error(DWORD code, wchar_t *out, int cap)

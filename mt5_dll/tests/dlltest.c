@@ -7,6 +7,7 @@
  *
  *   version                      ok <Mt5HubVersion()>
  *   open <url> <token|-> <flags> ok <handle or error>         (- passes a NULL token)
+ *   openpin <url> <token|-> <fingerprint...>   Mt5HubOpenPinned: ok <handle or error>
  *   send <h> <json...>           ok <result> <microseconds the call took>
  *   sendmany <h> <n> <json...>   n sends, "$i" in json replaced by 1..n:
  *                                ok <last result> <slowest call us> <all calls us>
@@ -15,6 +16,8 @@
  *   error <h> [size]             ok <full length> <text, truncated to size-1 chars>
  *   stat <h> <which>             ok <value>
  *   close <h>                    ok <result> <microseconds>
+ *   lease <h> <seconds>          ok <Mt5HubSetLease result>
+ *   errtext <code>               ok <the DLL's text for a Windows/WinHTTP error code>
  *   threads                      ok <Mt5HubThreads()>
  *   unload                       FreeLibrary: ok unloaded | ok still-loaded
  *   load                         LoadLibrary again: ok | bad <error>
@@ -26,6 +29,7 @@
 #include <windows.h>
 
 #include "mt5hub.h"
+#include "text.h"
 
 typedef int(__cdecl *open_fn)(const wchar_t *, const wchar_t *, int);
 typedef int(__cdecl *send_fn)(int, const wchar_t *);
@@ -44,6 +48,8 @@ static last_error_fn p_last_error;
 static stat_fn p_stat;
 static close_fn p_close;
 static void_fn p_threads, p_version;
+static int(__cdecl *p_lease)(int, int);
+static int(__cdecl *p_open_pinned)(const wchar_t *, const wchar_t *, const wchar_t *);
 
 /* Returns 0 so that handlers can `return reply(...)`. */
 static int reply(const char *fmt, ...)
@@ -72,8 +78,11 @@ static int load(void)
     p_close = (close_fn)(void *)GetProcAddress(dll, "Mt5HubClose");
     p_threads = (void_fn)(void *)GetProcAddress(dll, "Mt5HubThreads");
     p_version = (void_fn)(void *)GetProcAddress(dll, "Mt5HubVersion");
+    p_lease = (int(__cdecl *)(int, int))(void *)GetProcAddress(dll, "Mt5HubSetLease");
+    p_open_pinned = (int(__cdecl *)(const wchar_t *, const wchar_t *, const wchar_t *))(void *)
+        GetProcAddress(dll, "Mt5HubOpenPinned");
     return p_open && p_send && p_status && p_last_error && p_stat && p_close && p_threads &&
-           p_version;
+           p_version && p_lease && p_open_pinned;
 }
 
 static wchar_t *widen(const char *s)
@@ -142,6 +151,14 @@ static int run(char *line)
 
     if (!strcmp(cmd, "version")) return reply("ok %d", p_version());
     if (!strcmp(cmd, "threads")) return reply("ok %d", p_threads());
+    if (!strcmp(cmd, "errtext")) {
+        char *code = word(&rest), text[1024];
+        wchar_t wide[512];
+        if (!code) return reply("bad usage: errtext <code>");
+        describe_error((DWORD)strtoul(code, NULL, 10), wide, 512);
+        WideCharToMultiByte(CP_UTF8, 0, wide, -1, text, sizeof text, NULL, NULL);
+        return reply("ok %s", text);
+    }
     if (!strcmp(cmd, "unload")) {
         FreeLibrary(dll);
         dll = NULL;
@@ -149,6 +166,17 @@ static int run(char *line)
          * left Mt5HubThreads() may still be finishing its exit, so give it a moment. */
         for (int i = 0; i < 500 && GetModuleHandleW(L"mt5hub.dll"); i++) Sleep(10);
         return reply("ok %s", GetModuleHandleW(L"mt5hub.dll") ? "still-loaded" : "unloaded");
+    }
+    if (!strcmp(cmd, "openpin")) {
+        char *url = word(&rest), *token = word(&rest);
+        if (!token) return reply("bad usage: openpin <url> <token|-> <fingerprint>");
+        wchar_t *wurl = widen(url), *wtoken = strcmp(token, "-") ? widen(token) : NULL;
+        wchar_t *wpin = widen(rest);
+        int h = p_open_pinned(wurl, wtoken, wpin);
+        free(wurl);
+        free(wtoken);
+        free(wpin);
+        return reply("ok %d", h);
     }
     if (!strcmp(cmd, "open")) {
         char *url = word(&rest), *token = word(&rest), *flags = word(&rest);
@@ -219,6 +247,11 @@ static int run(char *line)
         char *which = word(&rest);
         if (!which) return reply("bad usage: stat <h> <which>");
         return reply("ok %lld", p_stat(h, atoi(which)));
+    }
+    if (!strcmp(cmd, "lease")) {
+        char *seconds = word(&rest);
+        if (!seconds) return reply("bad usage: lease <h> <seconds>");
+        return reply("ok %d", p_lease(h, atoi(seconds)));
     }
     if (!strcmp(cmd, "close")) {
         double t0 = now_us();

@@ -16,7 +16,8 @@
 
 input string InpHubUrl          = "wss://127.0.0.1:8443/ws/dll";   // Hub URL (wss://host:port/ws/dll)
 input string InpHubToken        = "";                              // Publisher token
-input bool   InpAllowSelfSigned = false;                           // Accept a self-signed certificate (development only)
+input string InpCertSha256      = "";                              // Hub certificate SHA-256 (self-signed hub: pin it)
+input bool   InpAllowAnyCert    = false;                           // Accept ANY certificate (tests only: the token can leak)
 input string InpKey             = "EA1";                           // Table key
 input string InpPairs           = "EURUSD,GBPUSD,USDJPY,AUDUSD";   // Pairs, comma-separated
 input string InpTimeframes      = "M5,M15,H1,H4,D1";               // Timeframes, comma-separated
@@ -24,6 +25,7 @@ input int    InpFastEma         = 12;                              // Fast EMA p
 input int    InpSlowEma         = 26;                              // Slow EMA period
 input int    InpRsiPeriod       = 14;                              // RSI period
 input int    InpTimerSeconds    = 5;                               // Publish every N seconds
+input bool   InpPublishInTester = false;                           // Publish from the Strategy Tester too
 
 CMt5Hub         g_hub;
 string          g_pairs[];
@@ -38,6 +40,14 @@ string          g_client_id;
 //+------------------------------------------------------------------+
 int OnInit()
   {
+//--- A backtest publishing under the live key/src would overwrite the live tables on every
+//--- dashboard: in the Strategy Tester (and optimisation) the EA stays quiet unless told.
+   if((MQLInfoInteger(MQL_TESTER) || MQLInfoInteger(MQL_OPTIMIZATION)) && !InpPublishInTester)
+     {
+      Print("mt5hub: in the Strategy Tester: not publishing (backtest tables would overwrite ",
+            "the live ones); set \"Publish from the Strategy Tester too\" to publish anyway");
+      return(INIT_SUCCEEDED);
+     }
    if(!TerminalInfoInteger(TERMINAL_DLLS_ALLOWED) || !MQLInfoInteger(MQL_DLLS_ALLOWED))
      {
       Print("mt5hub: allow DLL imports (Tools > Options > Expert Advisors, and in this EA's settings)");
@@ -104,7 +114,10 @@ int OnInit()
 
    g_src = _Symbol + "_" + EnumToString((ENUM_TIMEFRAMES)_Period);   // e.g. EURUSD_PERIOD_H1
    g_client_id = InpKey + "_" + IntegerToString(AccountInfoInteger(ACCOUNT_LOGIN));
-   if(!g_hub.Open(InpHubUrl, InpHubToken, InpAllowSelfSigned))
+//--- OnTimer calls Report (Mt5HubStatus), which renews the handle's lease: three missed timer
+//--- periods (and at least the default minute) and the DLL takes the EA for gone.
+   int lease = MathMax(MT5HUB_LEASE_DEFAULT, 3 * InpTimerSeconds);
+   if(!g_hub.Open(InpHubUrl, InpHubToken, InpAllowAnyCert, InpCertSha256, lease))
       return(INIT_PARAMETERS_INCORRECT);
    EventSetTimer(InpTimerSeconds);
    return(INIT_SUCCEEDED);

@@ -13,7 +13,7 @@
 //--- Keep in step with mt5_dll/include/mt5hub.h.
 #define MT5HUB_VERSION             1
 
-#define MT5HUB_FLAG_INSECURE_TLS   1   // accept any certificate: self-signed development hub only
+#define MT5HUB_FLAG_INSECURE_TLS   1   // accept ANY certificate: tests only (see Mt5HubOpenPinned)
 
 #define MT5HUB_STATE_CONNECTING    0
 #define MT5HUB_STATE_CONNECTED     1
@@ -31,6 +31,7 @@
 #define MT5HUB_E_FULL             -7
 #define MT5HUB_E_LIMIT            -8
 #define MT5HUB_E_SYSTEM           -9
+#define MT5HUB_E_INVALID         -10   // a publish the hub would refuse: LastError() names the rule
 
 #define MT5HUB_STAT_SENT           0
 #define MT5HUB_STAT_COALESCED      1
@@ -40,17 +41,24 @@
 #define MT5HUB_STAT_TABLES         5
 #define MT5HUB_STAT_BYTES          6
 #define MT5HUB_STAT_PINGS          7
+#define MT5HUB_STAT_RETRY_MS       8   // delay before the next reconnect attempt, 0 while connected
+#define MT5HUB_STAT_SEND_RATE      9   // frames per minute at most (lower once the hub said its limit)
+#define MT5HUB_STAT_RESENT        10   // tables sent again after the hub dropped frames (rate limit)
+
+#define MT5HUB_LEASE_DEFAULT      60   // s without a call before the DLL closes a handle
 
 #define MT5HUB_ERROR_CHARS         512 // the DLL keeps its last error in fewer characters
 
 //--- MQL5 passes a string as a UTF-16 pointer, int& as a pointer, an array as its data.
 #import "mt5hub.dll"
 int  Mt5HubOpen(string url, string token, int flags);
+int  Mt5HubOpenPinned(string url, string token, string sha256_fingerprint);
 int  Mt5HubSend(int handle, string json);
 int  Mt5HubStatus(int handle, int &queued);
 int  Mt5HubLastError(int handle, ushort &buffer[], int size);
 long Mt5HubStat(int handle, int which);
 int  Mt5HubClose(int handle);
+int  Mt5HubSetLease(int handle, int seconds);
 int  Mt5HubThreads(void);
 int  Mt5HubVersion(void);
 #import
@@ -73,6 +81,7 @@ string Mt5HubResultText(const int result)
       case MT5HUB_E_FULL:      return("too many tables waiting (512 or 16 MiB)");
       case MT5HUB_E_LIMIT:     return("too many open handles (64)");
       case MT5HUB_E_SYSTEM:    return("out of memory or no thread");
+      case MT5HUB_E_INVALID:   return("a table the hub would refuse (see the last error for the rule)");
      }
    return("result " + IntegerToString(result));
   }
@@ -130,7 +139,9 @@ string Mt5HubJsonNumber(const double value, const int digits = 2)
 
 //+------------------------------------------------------------------+
 //| One hub connection. Close() runs from the destructor too, so a    |
-//| global CMt5Hub never leaves its DLL thread behind.               |
+//| global CMt5Hub never leaves its DLL thread behind. If the EA dies |
+//| without OnDeinit, the DLL closes the handle once no call renewed  |
+//| its lease for lease_seconds: call Report (or Send) from OnTimer.  |
 //+------------------------------------------------------------------+
 class CMt5Hub
   {
@@ -145,15 +156,25 @@ public:
                     ~CMt5Hub(void) { Close(); }
 
    //--- Start connecting in the background. False (and a log line) if url or token are unusable.
-   bool              Open(const string url, const string token, const bool allow_self_signed = false)
+   //--- allow_any_certificate: tests only (anyone on the path could read the token).
+   //--- certificate_sha256: for a hub with a self-signed certificate, its SHA-256 fingerprint (the
+   //--- hub logs it at start): exactly that certificate is accepted.
+   //--- lease_seconds: longer than the EA's timer period (0: no lease).
+   bool              Open(const string url, const string token,
+                          const bool allow_any_certificate = false,
+                          const string certificate_sha256 = "",
+                          const int lease_seconds = MT5HUB_LEASE_DEFAULT)
      {
       Close();
-      int handle = Mt5HubOpen(url, token, allow_self_signed ? MT5HUB_FLAG_INSECURE_TLS : 0);
+      int handle = certificate_sha256 != "" ? Mt5HubOpenPinned(url, token, certificate_sha256)
+                   : Mt5HubOpen(url, token, allow_any_certificate ? MT5HUB_FLAG_INSECURE_TLS : 0);
       if(handle <= 0)
         {
          PrintFormat("mt5hub: cannot open %s: %s", url, Mt5HubResultText(handle));
          return(false);
         }
+      if(lease_seconds != MT5HUB_LEASE_DEFAULT)
+         Mt5HubSetLease(handle, lease_seconds);
       m_handle = handle;
       m_reported_state = -100;
       m_reported_errors = 0;
@@ -169,7 +190,7 @@ public:
      {
       if(m_handle <= 0)
          return(MT5HUB_E_HANDLE);
-      return(Mt5HubSend(m_handle, json));
+      return(Mt5HubSend(m_handle, json));   // MT5HUB_E_INVALID: LastError() (Report) says why
      }
 
    int               State(void)
