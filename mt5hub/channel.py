@@ -154,19 +154,17 @@ class ConflatingReceiveChannel(Generic[T]):
         return value
 
     async def receive(self) -> T:
-        """The oldest waiting item, waiting for one if need be. A checkpoint on every path."""
+        """The oldest waiting item, waiting for one if need be. A checkpoint on every path; when
+        it waited, it returns the item it was woken for with no other task run in between."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        parked = False
-        while True:
-            try:
-                value = self.receive_nowait()
-            except trio.WouldBlock:
-                await self._state.lot.park()  # a checkpoint
-                parked = True
-                continue
-            if not parked:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return value
+        state = self._state
+        if not (state.pending or self._closed or state.send_closed):
+            while not (state.pending or self._closed or state.send_closed):
+                await state.lot.park()  # a checkpoint
+            return self.receive_nowait()
+        value = self.receive_nowait()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return value
 
     def __aiter__(self) -> ConflatingReceiveChannel[T]:
         return self

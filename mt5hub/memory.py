@@ -8,7 +8,7 @@ less, by at least `min_drop` (checked every `interval` seconds):
   tracebacks and frames, which reference each other): ~1 million objects after 5,000
   connections, which only a full collection frees, and nothing may trigger one for a long time
   once the hub is quiet. `gc.collect()` frees them; it holds the event loop while it runs (about
-  2 s for 1.2 million objects on a busy 2-core machine: docs/performance-memory.md), once per
+  2 s for 1.2 million objects on a busy 2-core machine: docs/performance.md), once per
   burst, as Python's own full collections do during the burst.
 - glibc's allocator keeps freed pages in its heaps (arenas). `malloc_trim(0)` hands the free
   pages of every arena back (in a worker thread: it walks the heaps), where the C library has

@@ -93,9 +93,9 @@ class ViewerSession(Session):
             await self._until_prompt()
             # Taken with nothing in between and the write: a frame offered meanwhile could
             # otherwise be written at once, ahead of an older one of its table.
-            try:
+            if len(receive):
                 first = receive.receive_nowait()
-            except trio.WouldBlock:
+            else:
                 first = await receive.receive()  # woken for it: no other task runs before us
             self._holding = True
             batch = self._more([first])
@@ -126,11 +126,8 @@ class ViewerSession(Session):
         size = sum(len(frame.text) for frame in batch)
         where = {frame.slot: n for n, frame in enumerate(batch) if frame.slot is not None}
         receive = self.outbox.receive
-        while size < WRITE_BATCH_BYTES:
-            try:
-                frame = receive.receive_nowait()
-            except trio.WouldBlock:
-                break
+        while size < WRITE_BATCH_BYTES and len(receive):
+            frame = receive.receive_nowait()
             size += len(frame.text)
             if frame.slot is None:
                 batch.append(frame)

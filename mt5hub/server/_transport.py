@@ -310,6 +310,10 @@ async def _write_all(
     """
     if not isinstance(stream, trio.SSLStream):
         for piece in pieces:
+            if len(piece) <= WRITE_CHUNK:  # nearly always: no generator
+                await _write_socket(stream, piece)
+                progress()
+                continue
             for chunk in _chunks(piece):
                 await _write_socket(stream, chunk)
                 progress()
