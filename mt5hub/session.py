@@ -171,7 +171,7 @@ class Session:
 
     def sent_out(self, frames: Sequence[Frame]) -> None:
         self._frames_out.inc(len(frames))
-        self._bytes_out.inc(sum(len(frame.text) for frame in frames))
+        self._bytes_out.inc(sum([len(frame.text) for frame in frames]))
 
     # -- what the peer sends, as the transport reads it ----------------------------------------
 

@@ -57,7 +57,7 @@ class ViewerSession(Session):
             not self._holding
             and self.sending_since is None
             and self.error is None
-            and not self.outbox.waiting()
+            and not len(self.outbox.receive)
             and not self.flow.behind(trio.current_time())
         )
 
@@ -141,11 +141,13 @@ class ViewerSession(Session):
 
     def sent_out(self, frames: Sequence[Frame]) -> None:
         """Counted, and each update's time from its publish's arrival to its write observed."""
-        super().sent_out(frames)
-        now = trio.current_time()
+        self._frames_out.inc(len(frames))
+        now, size, latency = trio.current_time(), 0, self.hub.metrics.latency
         for frame in frames:
+            size += len(frame.text)
             if frame.received is not None:
-                self.hub.metrics.latency.observe(now - frame.received)
+                latency.observe(now - frame.received)
+        self._bytes_out.inc(size)
 
     # -- the watchdog -----------------------------------------------------------------------------
 

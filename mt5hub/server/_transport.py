@@ -165,9 +165,9 @@ class Link:
         if server is None:
             return None
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = server.stream
-        return (
-            stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
-        )
+        if isinstance(stream, trio.SocketStream):
+            return stream.socket
+        return stream.transport_stream.socket
 
     def send_room(self, sock: trio.socket.SocketType) -> int:
         """Bytes a write to this socket surely takes whole at once (0 where it cannot tell).
@@ -308,7 +308,9 @@ async def _write_all(
     it. Over TLS the records are made here, holding the stream's own send lock until they are
     all out, so that nothing it sends by itself (a TLS alert, say) can come between them.
     """
-    if not isinstance(stream, trio.SSLStream):
+    # (isinstance(x, trio.SocketStream) is quick for a SocketStream: an exact type; the ABC's
+    # own check, which isinstance(x, trio.SSLStream) would make for one, is not)
+    if isinstance(stream, trio.SocketStream):
         for piece in pieces:
             if len(piece) <= WRITE_CHUNK:  # nearly always: no generator
                 await _write_socket(stream, piece)
@@ -438,7 +440,7 @@ class QuartTransport:
         if server is None:
             return False
         stream = server.stream
-        tls = isinstance(stream, trio.SSLStream)
+        tls = not isinstance(stream, trio.SocketStream)  # (quick: see _write_all)
         sock = stream.transport_stream.socket if tls else stream.socket
         pieces = self._encode(frames, ping)
         if len(pieces) != 1:
