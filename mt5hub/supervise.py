@@ -28,7 +28,8 @@ Task = Callable[..., Awaitable[None]]
 
 
 class Backoff:
-    """Capped exponential backoff with jitter (half to all of the ceiling)."""
+    """Capped exponential backoff with jitter (half to all of the ceiling): spreads the retries
+    of many tasks and hubs. (The supervisor's, and the Redis backplane's reconnects.)"""
 
     def __init__(
         self, initial: float = 1.0, maximum: float = 60.0, rng: random.Random | None = None

@@ -64,16 +64,20 @@ def adapter_installed() -> None:
     mt5hub.server.install(lambda role, code: None, max_message=1024, asgi_only=False)
 
 
-async def ws_stream(accept: bool = True) -> tuple[WSStream, AsyncMock, Recorder, Connection]:
-    """A WSStream for /ws/dll that has read an upgrade request (and accepted it, or not)."""
+async def ws_stream(
+    accept: bool = True, extensions: bytes = b""
+) -> tuple[WSStream, AsyncMock, Recorder, Connection]:
+    """A WSStream for /ws/dll that has read an upgrade request (offering these extensions) and
+    accepted it, or not."""
     config = Config()
     config.websocket_max_message_size = 1024
     sent = AsyncMock()
     task_group = Mock()
     task_group.spawn_app = AsyncMock(return_value=AsyncMock())
     stream = WSStream(AsyncMock(), config, Mock(), task_group, False, None, None, sent, 1)
+    headers = [*UPGRADE, (b"sec-websocket-extensions", extensions)] if extensions else UPGRADE
     await stream.handle(
-        Request(stream_id=1, http_version="1.1", headers=UPGRADE, raw_path=b"/ws/dll",
+        Request(stream_id=1, http_version="1.1", headers=headers, raw_path=b"/ws/dll",
                 method="GET", state={})
     )  # fmt: skip
     recorder = Recorder()
@@ -154,27 +158,7 @@ async def test_a_deflated_message_is_inflated_at_most_to_the_limit() -> None:
     from wsproto.extensions import PerMessageDeflate
     from wsproto.frame_protocol import FrameProtocol
 
-    config = Config()
-    config.websocket_max_message_size = 1024
-    sent = AsyncMock()
-    task_group = Mock()
-    task_group.spawn_app = AsyncMock(return_value=AsyncMock())
-    stream = WSStream(AsyncMock(), config, Mock(), task_group, False, None, None, sent, 1)
-    headers = [*UPGRADE, (b"sec-websocket-extensions", b"permessage-deflate")]
-    await stream.handle(
-        Request(
-            stream_id=1,
-            http_version="1.1",
-            headers=headers,
-            raw_path=b"/ws",
-            method="GET",
-            state={},
-        )
-    )
-    link = Link(AsyncMock(), raw_ok=True)
-    stream.scope[LINK] = link  # type: ignore[literal-required]
-    link.attach(Recorder())
-    await stream.app_send({"type": "websocket.accept"})
+    stream, sent, _, _ = await ws_stream(extensions=b"permessage-deflate")
     deflate = PerMessageDeflate()
     deflate.finalize("permessage-deflate")  # as the hub agreed above
     bomb = bytes(FrameProtocol(client=True, extensions=[deflate]).send_data("a" * 10_000_000))

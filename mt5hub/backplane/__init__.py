@@ -29,11 +29,11 @@ database of a server, is `<prefix>:db<n>:events` for a database n other than 0.
     redis.py     RedisBackplane: Outbound, Membership, and the connection's life
 """
 
+from ..supervise import Backoff
 from .records import parse_table, table_field
 from .redis import (
     BATCH_LIMIT,
     PENDING_LIMIT,
-    Backoff,
     RedisBackplane,
     _redact,
     is_outage,

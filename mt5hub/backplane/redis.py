@@ -24,6 +24,7 @@ from coredis.retry import NoRetryPolicy
 
 from ..channel import open_conflating_channel
 from ..hub import Event, Hub, TableId
+from ..supervise import Backoff
 from . import scripts
 from .records import UpdateRecord, parse_records, parse_table, table_field
 
@@ -36,25 +37,6 @@ BATCH_LIMIT = 256  # events per script call: a backlog goes in several calls, no
 def _pairs(flat: list[bytes]) -> Iterable[tuple[str, str]]:
     for i in range(0, len(flat) - 1, 2):
         yield flat[i].decode(), flat[i + 1].decode()
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter: spread the reconnects of many hubs."""
-
-    def __init__(
-        self, initial: float = 0.1, maximum: float = 5.0, rng: random.Random | None = None
-    ) -> None:
-        self.initial, self.maximum = initial, maximum
-        self._rng = rng or random.Random()
-        self._attempt = 0
-
-    def next(self) -> float:
-        ceiling = min(self.maximum, self.initial * 2**self._attempt)
-        self._attempt += 1
-        return self._rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 def redis_database(url: str) -> int:
