@@ -295,3 +295,24 @@ def test_the_hub_serves_where_fcntl_does_not_exist(tmp_path: Path, ca: trustme.C
         trio.run(main)
     finally:
         hub.kill()
+
+
+async def test_tls_reads_made_by_the_adapter_get_every_byte_and_the_peers_close(
+    tls_pair: TlsPair,
+) -> None:
+    """`_tls_receive` decrypts what comes in (records whole or split across reads) as trio's own
+    receive_some would, and hands the end of the stream to trio's path (b"" on close_notify)."""
+    from mt5hub.server._transport import _tls_receive
+
+    server, client = tls_pair
+    payload = bytes(range(256)) * 1000  # 256 KB: many records, read in many pieces
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, payload)
+        got = bytearray()
+        while len(got) < len(payload):
+            got += await _tls_receive(server, 65536)
+    assert bytes(got) == payload
+    await server.send_all(b"and back")  # the stream is still sound both ways
+    assert await client.receive_some() == b"and back"
+    await client.aclose()
+    assert await _tls_receive(server, 65536) == b""

@@ -82,7 +82,7 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 
 from ..limits import LogThrottle
-from ._transport import LINK
+from ._transport import LINK, read_data
 
 log = logging.getLogger("mt5hub")
 
@@ -108,6 +108,11 @@ def missing() -> list[str]:
         "hypercorn H11Protocol.handle": hasattr(protocol, "handle"),
         "hypercorn H11Protocol._send_error_response": hasattr(protocol, "_send_error_response"),
         "hypercorn TCPServer.protocol_send": hasattr(server, "protocol_send"),
+        "hypercorn TCPServer._read_data": hasattr(server, "_read_data"),
+        "trio SSLStream's SSL object and buffers": all(
+            name in _init_names(trio.SSLStream)
+            for name in ("_ssl_object", "_incoming", "_outgoing", "_inner_send_lock", "_state")
+        ),
         "hypercorn TCPServer.send_lock/stream": "send_lock" in _init_names(server),
         "hypercorn WSStream.handle": hasattr(stream, "handle"),
         "hypercorn WSStream._handle_events": hasattr(stream, "_handle_events"),
@@ -156,6 +161,7 @@ def install(
     if getattr(stream, "_mt5hub_guarded", False):
         return
     server.protocol_send = _shield_all_but_data(server.protocol_send)
+    server._read_data = read_data  # TLS reads without trio's retry loop (see _transport)
     original_handle = stream.handle
 
     async def handle(self: Any, event: Any) -> None:

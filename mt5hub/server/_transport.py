@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import trio
+from hypercorn.events import Closed, RawData
 from quart import Websocket
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
@@ -65,6 +66,8 @@ class _Adapter:
 
 def direct() -> bool:
     return _Adapter.direct
+
+
 EARLY_FRAMES = 64  # frames kept for a session that has not started yet; more are dropped
 
 
@@ -74,7 +77,10 @@ _SIOCOUTQNSD = 0x894B
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 _INT = bytes(4)
 _SKB_OVERHEAD = 4096  # room kept besides: the kernel's bookkeeping for a new buffer or two
-_TLS_RECORD_OVERHEAD = 64  # at most, per record: header, tag, padding (TLS 1.2 or 1.3)
+_TLS_RECORD_OVERHEAD = 64
+_MAX_RECV = (
+    2**16
+)  # what Hypercorn reads at once  # at most, per record: header, tag, padding (TLS 1.2 or 1.3)
 _FRAMER = FrameProtocol(client=False, extensions=[])  # stateless for whole, unmasked messages
 _DEFLATERS: dict[int, FrameProtocol] = {}
 
@@ -279,6 +285,74 @@ def _tls_ready(stream: trio.SSLStream[Any]) -> bool:
         and not stream._outer_send_conflict_detector._held
         and not stream._outgoing.pending
     )
+
+
+def _tls_receive_ready(stream: trio.SSLStream[Any]) -> bool:
+    """Whether a read may bypass SSLStream.receive_some: the handshake is over, the stream is
+    sound and nobody else is reading it (Hypercorn's reader is its only reader)."""
+    return (
+        stream._state.name == "OK"
+        and stream._handshook.done
+        and not stream._outer_recv_conflict_detector._held
+        and not stream._inner_recv_lock.locked()
+    )
+
+
+async def _tls_receive(stream: trio.SSLStream[Any], max_bytes: int) -> bytes | bytearray:
+    """SSLStream.receive_some, but without its retry loop on the common path: decrypt what the
+    socket brought in, read more from the socket when a record is not whole yet. Anything
+    unusual (an error, the end of the stream, a renegotiation) is left to trio's own path.
+
+    A read may make TLS bytes to send (an answer to a key update): they go out under the
+    stream's own send lock, after whatever a writer is sending (see _write_all).
+    """
+    if not _tls_receive_ready(stream):
+        return await stream.receive_some(max_bytes)
+    ssl_object = stream._ssl_object
+    while True:
+        try:
+            data = ssl_object.read(max_bytes)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:  # trio's path raises (or ends) as it should
+            return await stream.receive_some(max_bytes)
+        else:
+            if not data:  # the peer's close_notify: trio's path says what that means
+                return await stream.receive_some(max_bytes)
+            if stream._outgoing.pending:
+                async with stream._inner_send_lock:
+                    if stream._outgoing.pending:
+                        await stream.transport_stream.send_all(stream._outgoing.read())
+            return data
+        raw = await stream.transport_stream.receive_some(max_bytes)
+        if not raw:  # end of the TCP stream: trio's path tells a clean end from a cut one
+            return await stream.receive_some(max_bytes)
+        stream._incoming.write(raw)
+
+
+async def read_data(server: Any) -> None:
+    """Hypercorn's TCPServer._read_data, but TLS read through `_tls_receive`, and no cancel
+    scope per read when there is no `read_timeout` (Hypercorn's default)."""
+    stream = server.stream
+    timeout = server.config.read_timeout
+    tls = not isinstance(stream, trio.SocketStream)
+    while True:
+        try:
+            if timeout:
+                with trio.fail_after(timeout):
+                    data = await (
+                        _tls_receive(stream, _MAX_RECV) if tls else stream.receive_some(_MAX_RECV)
+                    )
+            elif tls:
+                data = await _tls_receive(stream, _MAX_RECV)
+            else:
+                data = await stream.receive_some(_MAX_RECV)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+            break
+        await server.protocol.handle(RawData(bytes(data)))
+        if data == b"":
+            break
+    await server.protocol.handle(Closed())
 
 
 def _encrypt(stream: trio.SSLStream[Any], data: bytes | memoryview) -> bytes:
