@@ -205,6 +205,38 @@ def update_text(raw_text: str, raw: dict[str, Any], ts: int) -> str:
         raise ProtocolError("bad_json", f"cannot be forwarded: {exc}") from None
 
 
+@attrs.define
+class Capacity:
+    """What publishers may make a hub hold (None: no limit), and what it holds now.
+
+    A publish over a limit is refused with OverLimit (an error frame that names the limit):
+    memory is bounded by configuration, not by what publishers send. Sizes are characters of
+    JSON, which is bytes for these ASCII tables.
+    """
+
+    max_tables: int | None = None
+    max_table_bytes: int | None = None
+    max_state_bytes: int | None = None
+    state_bytes: int = 0  # characters of every table's latest update together
+
+    def check(self, tables: dict[TableId, TableState], table: TableId, text: str) -> None:
+        if self.max_table_bytes is not None and len(text) > self.max_table_bytes:
+            raise OverLimit("max_table_bytes", f"this table's update is {len(text)} bytes, over "
+                            f"the {self.max_table_bytes} a table may hold")  # fmt: skip
+        state = tables.get(table)
+        if state is None and self.max_tables is not None and len(tables) >= self.max_tables:
+            raise OverLimit("max_tables", f"the hub holds {len(tables)} tables already")
+        held = len(state.update.text) if state is not None and state.update is not None else 0
+        after = self.state_bytes - held + len(text)
+        if self.max_state_bytes is not None and after > self.max_state_bytes:
+            raise OverLimit("max_state_bytes", f"this update would take the hub's tables to "
+                            f"{after} bytes, over {self.max_state_bytes}")  # fmt: skip
+
+    def replaced(self, old: Frame | None, new: str) -> None:
+        """A table's latest update is now `new` (it was `old`)."""
+        self.state_bytes += len(new) - (len(old.text) if old is not None else 0)
+
+
 class Hub:
     """Tables, presence and viewers of one hub process."""
 
@@ -220,11 +252,7 @@ class Hub:
         max_state_bytes: int | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
-        # What publishers may make this hub hold (None: no limit); see `_check_limits`.
-        self.max_tables = max_tables
-        self.max_table_bytes = max_table_bytes
-        self.max_state_bytes = max_state_bytes
-        self.state_bytes = 0  # characters of every table's latest update together
+        self.capacity = Capacity(max_tables, max_table_bytes, max_state_bytes)
         self.viewer_buffer = viewer_buffer
         self.tables: dict[TableId, TableState] = {}
         self.fanout = Fanout(self.metrics)
@@ -246,7 +274,7 @@ class Hub:
     ) -> None:
         """Accept a validated publish (`raw`, parsed from `raw_text`) from a live publisher."""
         text = update_text(raw_text, raw, self.now_ms())  # may refuse it: before any state changes
-        self._check_limits(message.table, text)
+        self.capacity.check(self.tables, message.table, text)
         state = self._table(message.table)
         if publisher not in state.publishers:
             self._take_over(publisher, message.client_id, state)
@@ -256,22 +284,6 @@ class Hub:
             self._presence(message.table, message.client_id, online=True)
         event = Event("update", message.table, text, trio.current_time(), message.client_id)
         self.backplane.publish(self, event)
-
-    def _check_limits(self, table: TableId, text: str) -> None:
-        """Refuse a publish that would make the hub hold more than its limits allow (OverLimit,
-        an error frame that names the limit): memory is bounded by configuration, not by what
-        publishers send. Sizes are characters of JSON, which is bytes for these ASCII tables."""
-        if self.max_table_bytes is not None and len(text) > self.max_table_bytes:
-            raise OverLimit("max_table_bytes", f"this table's update is {len(text)} bytes, over "
-                            f"the {self.max_table_bytes} a table may hold")  # fmt: skip
-        state = self.tables.get(table)
-        if state is None and self.max_tables is not None and len(self.tables) >= self.max_tables:
-            raise OverLimit("max_tables", f"the hub holds {len(self.tables)} tables already")
-        held = len(state.update.text) if state is not None and state.update is not None else 0
-        after = self.state_bytes - held + len(text)
-        if self.max_state_bytes is not None and after > self.max_state_bytes:
-            raise OverLimit("max_state_bytes", f"this update would take the hub's tables to "
-                            f"{after} bytes, over {self.max_state_bytes}")  # fmt: skip
 
     def _take_over(self, publisher: Publisher, client_id: str, state: TableState) -> None:
         """A new connection of a clientId that an older connection still holds this table for.
@@ -325,7 +337,7 @@ class Hub:
             state.seq = state.seq + 1 if event.seq is None else event.seq
             text = f'{event.text[:-1]},"seq":{state.seq}}}'
             frame = Frame(text, ("update", *event.table), event.received)
-            self.state_bytes += len(text) - (len(state.update.text) if state.update else 0)
+            self.capacity.replaced(state.update, text)
             state.update = frame
             self.changes += 1
             self.metrics.updates.inc()
@@ -363,8 +375,8 @@ class Hub:
             state = self._table(entry.table)
             state.seq = entry.seq
             state.client_id = entry.client_id
+            self.capacity.replaced(state.update, entry.text)
             state.update = Frame(entry.text, ("update", *entry.table))
-            self.state_bytes += len(entry.text)
             restored += 1
         self._snapshot = None
         return restored
