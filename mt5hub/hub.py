@@ -97,10 +97,6 @@ class Inbox:
     def __len__(self) -> int:
         return len(self.receive)
 
-    def waiting(self) -> bool:
-        """Whether anything waits to be taken."""
-        return len(self.receive) > 0
-
 
 @attrs.define(eq=False)
 class TableState:

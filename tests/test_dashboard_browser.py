@@ -28,6 +28,7 @@ import trio
 import trio_websocket
 from browser import TIMEOUT_MS
 
+from mt5hub.testing.rawws import upgrade_request
 from mt5hub.testing.tables import colour as strength_colour
 
 try:
@@ -838,12 +839,7 @@ def _stalled_tls_viewer(hub: Any) -> Iterator[None]:
     raw.settimeout(TIMEOUT_MS / 1000)
     raw.connect(("127.0.0.1", hub.https_port))
     with hub.client_ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-        key = "dGhlIHNhbXBsZSBub25jZQ=="
-        sock.sendall(
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        sock.sendall(upgrade_request("/ws"))
         head = b""
         while b"\r\n\r\n" not in head:  # one byte at a time: read nothing past the head
             byte = sock.recv(1)

@@ -29,6 +29,7 @@ one (Chromium offers permessage-deflate).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -335,18 +336,18 @@ async def read_data(server: Any) -> None:
     scope per read when there is no `read_timeout` (Hypercorn's default)."""
     stream = server.stream
     timeout = server.config.read_timeout
-    tls = not isinstance(stream, trio.SocketStream)
+    receive: Callable[[], Awaitable[bytes | bytearray]]
+    if isinstance(stream, trio.SocketStream):
+        receive = functools.partial(stream.receive_some, _MAX_RECV)
+    else:
+        receive = functools.partial(_tls_receive, stream, _MAX_RECV)
     while True:
         try:
             if timeout:
                 with trio.fail_after(timeout):
-                    data = await (
-                        _tls_receive(stream, _MAX_RECV) if tls else stream.receive_some(_MAX_RECV)
-                    )
-            elif tls:
-                data = await _tls_receive(stream, _MAX_RECV)
+                    data = await receive()
             else:
-                data = await stream.receive_some(_MAX_RECV)
+                data = await receive()
         except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
             break
         await server.protocol.handle(RawData(bytes(data)))
