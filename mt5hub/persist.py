@@ -41,7 +41,9 @@ from typing import Any
 
 import trio
 
-from .hub import Hub, SavedTable, TableId, encode
+from .hub import Hub
+from .state import SavedTable, encode
+from .subscription import TableId
 
 log = logging.getLogger("mt5hub")
 

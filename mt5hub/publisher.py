@@ -13,9 +13,11 @@ import trio
 
 from .config import Settings, TokenGrant
 from .errors import Flooding, FrameTooLarge, ProtocolError, Superseded
-from .hub import Frame, Hub, Inbox, encode
+from .fanout import Frame, Inbox
+from .hub import Hub
 from .models import Decoder, parse_json
 from .session import Session, Transport
+from .state import encode
 
 PUBLISHER_OUTBOX = 64  # error frames and pings waiting to be sent; past that they are dropped
 

@@ -23,7 +23,8 @@ from quart_trio import QuartTrio
 from .auth import Authenticator, Refusal, bearer_token
 from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config
-from .hub import Backplane, Hub, LocalBackplane, encode
+from .errors import ProtocolError
+from .hub import Backplane, Hub, LocalBackplane
 from .limits import (
     RETRY_AFTER,
     FailedHandshakes,
@@ -40,6 +41,8 @@ from .persist import StateStore
 from .publisher import PublisherSession
 from .server import QuartTransport, TrackConnections, follow_parent, refuse_to_start
 from .server import install as install_adapter
+from .state import encode
+from .subscription import Subscription, query_selectors
 from .supervise import Supervisor
 from .viewer import ViewerSession
 
@@ -107,6 +110,9 @@ def _setup_logging(level: str) -> None:
 # are built on HTTP/1.1 sockets (docs/decisions/006-http11-only-on-tls.md): such a stream is
 # refused.
 _HTTP2_WEBSOCKET = Refusal(505, "WebSockets are served over HTTP/1.1 only (RFC 6455), not HTTP/2")
+
+
+DELTA = "mt5hub.v1.1"  # the WebSocket subprotocol of a viewer that asks for patches
 
 
 def _token() -> str | None:
@@ -294,22 +300,30 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             return _refuse(_HTTP2_WEBSOCKET, "http_version", hub, ip, throttle)
         if (spent := failures.refusal(ip)) is not None:
             return _refuse(spent, "too_many_failures", hub, address_key(ip), throttle)
-        refusal = auth.viewer(
+        grant = auth.viewer(
             _token(),
             websocket.headers.get("Origin"),
             websocket.headers.get("Host"),
         )
-        if refusal is not None:
-            reason = "forbidden" if refusal.status == 403 else "unauthorized"
-            return refuse_auth(refusal, reason, ip)
+        if isinstance(grant, Refusal):
+            reason = "forbidden" if grant.status == 403 else "unauthorized"
+            return refuse_auth(grant, reason, ip)
+        try:
+            asked = query_selectors(websocket.args.get("keys"), websocket.args.get("src"))
+        except ProtocolError as exc:
+            return _refuse(Refusal(400, exc.detail), "bad_subscription", hub, ip, throttle)
+        subscription, refused = Subscription.at_connect(grant, asked)
+        protocol = DELTA if DELTA in websocket.requested_subprotocols else None
+        delta = protocol is not None or websocket.args.get("delta") in ("1", "true")
         with limits.viewer(ip) as full:
             if full is not None:
                 reason = "too_many_from_ip" if full.status == 429 else "hub_full"
                 return _refuse(full, reason, hub, ip, throttle)
-            await websocket.accept()
+            await websocket.accept(subprotocol=protocol)
             transport = QuartTransport(_current_websocket(), hub.metrics)
             transport.limit_send_buffer(settings.viewer_send_buffer)
-            await ViewerSession(hub, transport, settings, ip).run()
+            session = ViewerSession(hub, transport, settings, ip, subscription, delta, refused)
+            await session.run()
         return None
 
     return app

@@ -21,8 +21,10 @@ import trio
 
 from .config import Settings
 from .errors import HubError, ProtocolError, ShuttingDown, TooSlow
-from .hub import Frame, Hub, Inbox, encode
+from .fanout import Frame, Inbox
+from .hub import Hub
 from .limits import LogThrottle
+from .state import encode
 from .watchdog import CLOSE_GRACE, Watchdog
 
 log = logging.getLogger("mt5hub")

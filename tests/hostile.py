@@ -139,5 +139,3 @@ async def exchange(port: int, data: bytes) -> tuple[bytes, float]:
             except trio.BrokenResourceError:
                 pass
     return answer, time.monotonic() - started
-
-

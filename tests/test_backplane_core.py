@@ -84,7 +84,7 @@ async def test_presence_is_sent_to_viewers_only_when_it_changes() -> None:
         ]  # fmt: skip
         assert [m["online"] for m in drain(mailbox)] == [True, False, True]
         hub.apply(update(3))
-        (entry,) = json.loads(hub.snapshot()[0].text)["tables"]
+        (entry,) = json.loads(hub.snapshots.everything()[0].text)["tables"]
         assert (entry["seq"], entry["online"]) == (3, True)
         assert hub.tables[T].published_text() == update(3).text  # what a resync offers
 

@@ -90,8 +90,6 @@ def test_a_name_given_twice_is_refused_at_the_top_level_only(extra: int, positio
     assert ok["nested"] == {"key": 2} and ok["src"] == "B" and len(ok) == extra + 2
 
 
-
-
 DECODER = Decoder(max_rows=500)  # the shared hub's in tests/test_hostile_json.py
 
 

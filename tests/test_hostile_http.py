@@ -249,5 +249,3 @@ async def test_a_tls_client_that_never_finishes_its_handshake_is_cut_at_ssl_hand
     print(f"stalled TLS handshakes closed after {took} (ssl_handshake_timeout 1 s)")
     assert took["nothing"] < 30 and took["half-a-client-hello"] < 30  # Hypercorn's default: 60
     LogWatch(hub, whole=True).assert_clean()
-
-

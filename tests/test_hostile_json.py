@@ -33,8 +33,8 @@ from test_models import mangled_publishes
 from wsproto.frame_protocol import Opcode
 
 from mt5hub.errors import ProtocolError
-from mt5hub.hub import update_text
 from mt5hub.models import Decoder, parse_json
+from mt5hub.state import update_text
 
 
 async def test_json_the_hub_refuses_gets_an_error_frame_and_one_log_line_and_nobody_else_notices(
@@ -274,5 +274,3 @@ async def test_any_publish_over_one_real_connection_is_accepted_or_gets_an_error
     print(f"hypothesis over the socket: {dict(counts)}")
     assert counts["accepted"] >= 3 and sum(counts[c] for c in KNOWN_CODES) >= 10
     log.assert_clean()
-
-

@@ -21,12 +21,13 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from mt5hub.config import Settings, TokenGrant
-from mt5hub.hub import Event, Frame, Hub, Inbox, Subscriber, update_text
+from mt5hub.hub import Event, Frame, Hub, Inbox, Subscriber
 from mt5hub.metrics import Metrics
 from mt5hub.models import Decoder
 from mt5hub.publisher import PublisherSession
 from mt5hub.server import LINK, Link, QuartTransport
 from mt5hub.session import CLOSE_GRACE, Peer
+from mt5hub.state import update_text
 from mt5hub.viewer import ViewerSession
 
 
@@ -136,9 +137,11 @@ class Rig:
     nursery: trio.Nursery
     settings: Settings
 
-    async def viewer(self, window: int = 100) -> MemoryTransport:
+    async def viewer(self, window: int = 100, **options: Any) -> MemoryTransport:
+        """A viewer (`options`: ViewerSession's subscription, delta, refused)."""
         transport = MemoryTransport(window)
-        await self._start(ViewerSession(self.hub, transport, self.settings, "viewer").run)
+        session = ViewerSession(self.hub, transport, self.settings, "viewer", **options)
+        await self._start(session.run)
         return transport
 
     async def publisher(self, grant: TokenGrant = GRANT) -> MemoryTransport:

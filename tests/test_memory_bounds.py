@@ -18,7 +18,8 @@ from helpers import metric, publish_frame, publisher
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, Ping, Request
 
-from mt5hub.hub import SNAPSHOT_REUSE_BYTES, Event, Hub, Inbox
+from mt5hub.hub import Event, Hub, Inbox
+from mt5hub.state import SNAPSHOT_REUSE_BYTES
 
 DEADLINE = 120.0
 

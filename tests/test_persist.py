@@ -26,9 +26,10 @@ from trio.testing import MockClock
 
 from mt5hub import persist
 from mt5hub.config import Settings, load_config
-from mt5hub.hub import Hub, Inbox, SavedTable
+from mt5hub.hub import Hub, Inbox
 from mt5hub.models import Head
 from mt5hub.persist import StateStore
+from mt5hub.state import SavedTable
 
 CONNECTION = object()  # the publisher connection of the unit tests
 
@@ -128,8 +129,8 @@ async def test_saved_tables_come_back_offline_with_their_seq_which_a_returning_p
 
     after = Hub(wall_clock=lambda: 2000.0)
     assert after.restore(StateStore(tmp_path / "state.json").load()) == 2
-    old = {(t["key"], t["src"]): t for t in json.loads(before.snapshot()[0].text)["tables"]}
-    new = {(t["key"], t["src"]): t for t in json.loads(after.snapshot()[0].text)["tables"]}
+    old = {(t["key"], t["src"]): t for t in _snapshot_tables(before)}
+    new = {(t["key"], t["src"]): t for t in _snapshot_tables(after)}
     # Exactly what viewers had before (data, seq, clientId, ts, extra fields), but offline.
     assert new == {table: {**entry, "online": False} for table, entry in old.items()}
     assert (new["EA1", "S1"]["seq"], new["EA2", "S2"]["seq"]) == (4, 3)
@@ -157,7 +158,7 @@ async def test_a_table_the_hub_already_has_is_not_replaced_by_a_restored_one(
     hub.publisher_gone(CONNECTION)
     publish(hub, value=3)
     assert hub.restore(old.saved_tables()) == 0
-    [entry] = json.loads(hub.snapshot()[0].text)["tables"]
+    [entry] = json.loads(hub.snapshots.everything()[0].text)["tables"]
     assert (entry["seq"], entry["online"], entry["data"]) == (2, True, table_rows(value=3))
 
 
@@ -508,3 +509,7 @@ async def test_with_a_redis_backplane_the_state_stays_in_redis_and_no_file_is_wr
     await trio.to_thread.run_sync(hub.stop)  # the final save would write it now
     assert not (hub.folder / "mt5hub-state.json").exists()
     assert "state_file unused: with a backplane the latest state lives in Redis" in hub.log()
+
+
+def _snapshot_tables(hub: Hub) -> list[dict[str, Any]]:
+    return json.loads(hub.snapshots.everything()[0].text)["tables"]  # type: ignore[no-any-return]

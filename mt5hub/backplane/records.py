@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 import attrs
 
-from ..hub import TableId, encode
+from ..state import encode
+from ..subscription import TableId
 
 
 def table_field(table: TableId) -> str:

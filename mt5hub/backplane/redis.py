@@ -23,7 +23,8 @@ from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from ..channel import open_conflating_channel
-from ..hub import Event, Hub, TableId
+from ..hub import Event, Hub
+from ..subscription import TableId
 from ..supervise import Backoff
 from . import scripts
 from .records import UpdateRecord, parse_records, parse_table, table_field

@@ -44,7 +44,7 @@ from quart import Websocket
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
-from ..hub import Frame
+from ..fanout import Frame
 from ..metrics import Metrics
 from ..session import Peer
 
