@@ -15,20 +15,16 @@ from collections.abc import Sequence
 import trio
 
 from .config import Settings
-from .errors import HubError, ProtocolError, TooSlow
+from .delivery import Delivery, error_frame, forbidden
+from .errors import HubError, TooSlow
 from .fanout import Frame, Inbox
 from .flow import FlowControl
 from .hub import Hub
 from .models import parse_json
-from .patches import patch_for
-from .publisher import RateLimiter
 from .session import Session, Transport, log
-from .state import encode
-from .subscription import Subscription, TableId, message_selectors
+from .subscription import Subscription
 
 WRITE_BATCH_BYTES = 1024 * 1024  # a writer sends what is pending, up to this much, in one go
-# Subscription changes a viewer may make (each is work over every table): per second, and at once
-CHANGE_RATE, CHANGE_BURST = 10.0, 20
 
 
 class ViewerSession(Session):
@@ -49,28 +45,20 @@ class ViewerSession(Session):
         super().__init__(hub, transport, settings, peer, settings.viewer_timeout)
         self.outbox = Inbox(settings.viewer_buffer, hub.metrics, self.role)
         self.subscription = subscription or Subscription()
-        self.delta = delta
-        self.refused = list(refused)
-        # The seq of each table's state the peer holds, once written: kept by a viewer of
-        # patches (which it must hold the base of) or of some tables (whose subscription
-        # changes may put an older frame in line behind a newer one).
-        self.held: dict[TableId, int] | None = None
+        self.refused = list(refused)  # keys asked for at connect beyond the token's grant
+        # Kept for a viewer of patches or of some tables only (see mt5hub.delivery); made for
+        # any other once it changes its subscription.
+        self.delivery: Delivery | None = None
         if delta or not self.subscription.everything:
-            self.held = {}
-        self._changes = RateLimiter(CHANGE_RATE, CHANGE_BURST, settings.flood_seconds)
+            self.delivery = Delivery(hub, self.subscription, delta, settings.flood_seconds)
         self.flow = FlowControl(settings.viewer_lag, settings.viewer_lag_interval)
         self._answers = trio.lowlevel.ParkingLot()  # the writer waits here while behind
         self._holding = False  # the writer has taken frames it has not written yet
 
     async def run(self) -> None:
         with self.hub.viewer(self, self.subscription):
-            if self.refused:  # keys asked for at connect beyond the token's grant
-                error = ProtocolError(
-                    "forbidden_key", "this viewer's token does not grant these keys",
-                    keys=self.refused,
-                )  # fmt: skip
-                self.outbox.offer(Frame(encode({"type": "error", "code": error.code,
-                                                **error.fields()})))  # fmt: skip
+            if self.refused:
+                self.outbox.offer(error_frame(forbidden(self.refused)))
             await super().run()
 
     # -- from the hub (a publisher's task) --------------------------------------------------------
@@ -99,15 +87,15 @@ class ViewerSession(Session):
         now = trio.current_time()
         ping = self.flow.ping_due(now)
         frames: Sequence[Frame] = (frame,)
-        if self.held is not None:
-            frames, after = self._as_held(frames)
+        if (delivery := self.delivery) is not None:
+            frames, after = delivery.prepare(frames)
             if not frames:
                 return True  # the peer holds it already
         try:
             if not self.transport.send_now(frames, ping):
                 return False
-            if self.held is not None:
-                self.held.update(after)
+            if delivery is not None:
+                delivery.held.update(after)
         except Exception as exc:  # our bug: this viewer ends, the publisher's task carries on
             log.exception("%s %s: internal error", self.role, self.peer)
             self.fail(HubError(repr(exc)))
@@ -116,40 +104,6 @@ class ViewerSession(Session):
             self.flow.ping_sent(now)
         self.sent_out(frames)
         return True
-
-    def _as_held(self, frames: Sequence[Frame]) -> tuple[list[Frame], dict[TableId, int]]:
-        """What to write for these frames, given what the peer holds, and what it then holds.
-
-        A delta viewer gets an update as a patch when it holds the update before it (else
-        whole). An update the peer holds already (a later snapshot had it), or of a table it
-        has left since it was queued, is dropped; a partial snapshot older than what goes out
-        before it is made again, so the peer never steps back.
-        """
-        held, wants = self.held, self.subscription.wants
-        assert held is not None
-        after: dict[TableId, int] = {}
-        out: list[Frame] = []
-        for frame in frames:
-            table = frame.table
-            if frame.seqs is not None:  # a snapshot
-                if frame.partial and any(
-                    after.get(t, held.get(t, 0)) > seq for t, seq in frame.seqs.items()
-                ):
-                    frame = self.hub.snapshots.of(frame.seqs, partial=True)
-                assert frame.seqs is not None
-                after.update(frame.seqs)
-            elif table is not None:
-                if not wants(table):
-                    continue  # queued before the peer unsubscribed
-                if frame.seq:  # an update
-                    had = after.get(table, held.get(table))
-                    if had is not None and had >= frame.seq:
-                        continue
-                    after[table] = frame.seq
-                    if self.delta and had == frame.base and (patch := patch_for(frame)):
-                        frame = patch
-            out.append(frame)
-        return out, after
 
     # -- from the peer ----------------------------------------------------------------------------
 
@@ -162,25 +116,11 @@ class ViewerSession(Session):
         kind = request.get("type") if isinstance(request, dict) else None
         if kind not in ("subscribe", "unsubscribe"):
             return
-        if not self._changes.allow():
-            raise ProtocolError("rate_limited", f"at most {CHANGE_RATE:g} subscription changes "
-                                f"a second (bursts of {CHANGE_BURST})")  # fmt: skip
-        chosen = message_selectors(request)
-        if kind == "subscribe" and (forbidden := self.subscription.forbidden(chosen)):
-            raise ProtocolError(
-                "forbidden_key", "this viewer's token does not grant these keys", keys=forbidden
+        if self.delivery is None:
+            self.delivery = Delivery(
+                self.hub, self.subscription, False, self.settings.flood_seconds
             )
-        self.subscription.change(kind == "subscribe", chosen)
-        if self.held is None:
-            self.held = {}  # now that its subscription changes (see _as_held)
-        snapshot, removed = self.hub.resubscribe(self, self.subscription)
-        for table in removed:
-            self.held.pop(table, None)
-        if kind == "subscribe":
-            self.outbox.offer(snapshot)  # the acknowledgement, even if it holds no table
-        else:
-            tables = [{"key": key, "src": src} for key, src in removed]
-            self.outbox.offer(Frame(encode({"type": "unsubscribed", "tables": tables})))
+        self.outbox.offer(self.delivery.change(self, request))
 
     def pong(self, payload: bytes) -> None:
         """The peer has read everything written before the ping this answers."""
@@ -206,9 +146,9 @@ class ViewerSession(Session):
             while self.flow.behind(trio.current_time()):  # the ping grew old while idle
                 await self._until_prompt()
                 batch = self._more(batch)
-            if self.held is not None:
-                batch, after = self._as_held(batch)
-                self.held.update(after)  # before the write: if it fails, the connection ends
+            if (delivery := self.delivery) is not None:
+                batch, after = delivery.prepare(batch)
+                delivery.held.update(after)  # before the write: if it fails, the connection ends
                 if not batch:
                     self._holding = False
                     continue
