@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import trio
 
-from .config import Settings
+from .config import ALL, Settings, ViewerGrant
 from .errors import HubError, TooSlow
 from .flow import FlowControl
 from .hub import Frame, Hub, Inbox
@@ -28,8 +28,17 @@ class ViewerSession(Session):
 
     role = "viewer"
 
-    def __init__(self, hub: Hub, transport: Transport, settings: Settings, peer: str) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        transport: Transport,
+        settings: Settings,
+        peer: str,
+        *,
+        grant: ViewerGrant = ALL,
+    ) -> None:
         super().__init__(hub, transport, settings, peer, settings.viewer_timeout)
+        self.grant = grant  # the tables its token lets it see (not enforced here yet)
         self.outbox = Inbox(settings.viewer_buffer, hub.metrics, self.role)
         self.flow = FlowControl(settings.viewer_lag, settings.viewer_lag_interval)
         self._answers = trio.lowlevel.ParkingLot()  # the writer waits here while behind
