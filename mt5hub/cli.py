@@ -25,7 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from .config import HASHED, ViewerGrant, check_safe_to_serve, load_config, token_digest
+from .config import (
+    HASHED,
+    ViewerGrant,
+    check_safe_to_serve,
+    load_config,
+    status_access,
+    token_digest,
+)
 from .errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent  # a source checkout (pip install -e .)
@@ -133,7 +140,13 @@ def check_config(args: argparse.Namespace) -> int:
     s = config.settings
     print(f"{path}: the hub would start")
     print(f"  binds: {', '.join(config.binds)}; workers: {config.workers}")
-    print(f"  publisher tokens: {len(s.tokens)}; viewer tokens: {len(s.viewer_tokens)}")
+    scoped = sum(g.keys != ("*",) for g in s.viewer_tokens)
+    print(
+        f"  publisher tokens: {len(s.tokens)}; viewer tokens: {len(s.viewer_tokens)} "
+        f"({scoped} limited to keys)"
+    )
+    status_token = " (or with the status token)" if s.status_token else ""
+    print(f"  /healthz and /metrics answer: {status_access(config)}{status_token}")
     print(f"  backplane: {s.backplane or 'in-process'}; state_file: {s.state_file or 'none'}")
     return 0
 

@@ -69,9 +69,11 @@ def test_check_config_passes_a_config_the_hub_serves_and_says_what_it_will_do(
             {"tokens": [{"token": "sha256:abc", "keys": ["*"]}]},
             "tokens[0]",
         ),
+        ({"bind": ["127.0.0.1:8000"]}, {"status_access": "token"}, "needs a status_token"),
+        ({"bind": ["127.0.0.1:8000"]}, {"status_access": "public"}, "status_access: expected"),
     ],
     ids=["default-token-public", "workers-no-backplane", "unknown-key", "bad-value", "no-cert",
-         "bad-hash"],
+         "bad-hash", "status-token-missing", "status-access-unknown"],
 )  # fmt: skip
 def test_check_config_refuses_what_the_hub_refuses_with_the_reason_and_exit_1(
     tmp_path: Path, top: dict[str, object], hub: dict[str, object], reason: str
