@@ -244,10 +244,8 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         if refusal is None:
             return None
         reason = "status_forbidden" if refusal.status == 403 else "status_unauthorized"
-        throttle.warning(
-            reason, ip, "refused GET %s from %s: %s %s", request.path, ip, refusal.status,
-            refusal.detail,
-        )  # fmt: skip
+        line = "refused GET %s from %s: %s %s"
+        throttle.warning(reason, ip, line, request.path, ip, refusal.status, refusal.detail)
         body = encode({"error": reason.removeprefix("status_"), "detail": refusal.detail})
         headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else {}
         return Response(body, refusal.status, headers, content_type="application/json")
