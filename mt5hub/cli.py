@@ -1,7 +1,7 @@
 """`mt5hub`: what operators do by hand, as one command.
 
     mt5hub token new [--name desk-1] [--keys EA1,EA2]   # a publisher token
-    mt5hub token new --viewer                           # a dashboard token
+    mt5hub token new --viewer [--keys EA1,EA*] [--url https://host:8443/]  # a dashboard token
     mt5hub token hash < token.txt                       # the hash of a token you have
     mt5hub check-config [hub.toml]                      # what the hub would refuse, and why
     mt5hub load -p 10 -r 10 -v 200                      # the load tester (scripts/fake_dll.py)
@@ -23,8 +23,16 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from .config import HASHED, check_safe_to_serve, load_config, token_digest
+from .config import (
+    HASHED,
+    ViewerGrant,
+    check_safe_to_serve,
+    load_config,
+    status_access,
+    token_digest,
+)
 from .errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent  # a source checkout (pip install -e .)
@@ -44,23 +52,38 @@ def token_new(args: argparse.Namespace) -> int:
     grants nothing. Several tokens may be valid at once, so tokens rotate without downtime.
     """
     token = secrets.token_urlsafe(32)  # 256 random bits
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()] or ["*"]
+    if args.viewer and (problem := ViewerGrant(token=token, keys=tuple(keys)).problem()):
+        print(f"mt5hub token new: --{problem}", file=sys.stderr)
+        return 2
     print(token)
+    env_keys = f":{'|'.join(keys)}" if keys != ["*"] else ""
     if args.viewer:
         print("\n# hub.toml, [mt5hub] (keep any other viewer tokens in the list):")
-        print(f"viewer_tokens = [{json.dumps(hashed(token))}]")
-        print(f"\n# or in the environment: MT5HUB_VIEWER_TOKENS={hashed(token)}")
+        if keys == ["*"] and not args.name:
+            print(f"viewer_tokens = [{json.dumps(hashed(token))}]")
+        else:
+            entry = f"token = {json.dumps(hashed(token))}, keys = {json.dumps(keys)}"
+            print(f"viewer_tokens = [{{{entry}, name = {json.dumps(args.name)}}}]")
+        print(f"\n# or in the environment: MT5HUB_VIEWER_TOKENS={hashed(token)}{env_keys}")
+        print("\n# the dashboard link to hand out (it holds the token):")
+        print(dashboard_link(args.url, token, keys))
         return 0
-    keys = [k.strip() for k in args.keys.split(",") if k.strip()] or ["*"]
     print("\n# hub.toml:")
     print("[[mt5hub.tokens]]")
     print(f"token = {json.dumps(hashed(token))}")
     print(f"keys = {json.dumps(keys)}")
     print(f"name = {json.dumps(args.name)}")
-    print(
-        f"\n# or in the environment: MT5HUB_TOKENS={hashed(token)}"
-        + (f":{'|'.join(keys)}" if keys != ["*"] else "")
-    )
+    print(f"\n# or in the environment: MT5HUB_TOKENS={hashed(token)}{env_keys}")
     return 0
+
+
+def dashboard_link(url: str, token: str, keys: Sequence[str]) -> str:
+    """The dashboard's URL with `?token=` (and `&keys=` when the token is limited to keys)."""
+    parts = urlsplit(url)
+    query = {"token": token, **({"keys": ",".join(keys)} if list(keys) != ["*"] else {})}
+    joined = "&".join(filter(None, (parts.query, urlencode(query, safe=",*"))))
+    return urlunsplit(parts._replace(path=parts.path or "/", query=joined))
 
 
 def token_hash(args: argparse.Namespace) -> int:
@@ -117,7 +140,13 @@ def check_config(args: argparse.Namespace) -> int:
     s = config.settings
     print(f"{path}: the hub would start")
     print(f"  binds: {', '.join(config.binds)}; workers: {config.workers}")
-    print(f"  publisher tokens: {len(s.tokens)}; viewer tokens: {len(s.viewer_tokens)}")
+    scoped = sum(g.keys != ("*",) for g in s.viewer_tokens)
+    print(
+        f"  publisher tokens: {len(s.tokens)}; viewer tokens: {len(s.viewer_tokens)} "
+        f"({scoped} limited to keys)"
+    )
+    status_token = " (or with the status token)" if s.status_token else ""
+    print(f"  /healthz and /metrics answer: {status_access(config)}{status_token}")
     print(f"  backplane: {s.backplane or 'in-process'}; state_file: {s.state_file or 'none'}")
     return 0
 
@@ -164,8 +193,17 @@ def parser() -> argparse.ArgumentParser:
         description=token_new.__doc__,
     )
     new.add_argument("--name", default="", help="shown in the hub's log lines, never the token")
-    new.add_argument("--keys", default="*", help="comma-separated table keys it may publish")
+    new.add_argument(
+        "--keys",
+        default="*",
+        help="comma-separated table keys it may publish (or, with --viewer, see: EA1, EA*, *)",
+    )
     new.add_argument("--viewer", action="store_true", help="a token for dashboards (?token=)")
+    new.add_argument(
+        "--url",
+        default="https://localhost:8443/",
+        help="with --viewer: the dashboard's address, for the link printed",
+    )
     new.set_defaults(run=token_new)
     hash_ = token_commands.add_parser("hash", help="the sha256: form of the token on stdin")
     hash_.set_defaults(run=token_hash)

@@ -19,11 +19,13 @@ from typing import Any
 
 import attrs
 import cattrs
+from cattrs.gen import make_dict_structure_fn
 
 from .errors import ConfigError
 
 DEFAULT_TOKEN = "supersecret123"  # the seed's token: fine on loopback, refused on a public bind
 ANY_KEY = "*"
+STATUS_ACCESS = ("auto", "any", "private", "loopback", "token")  # who may read /healthz, /metrics
 HASHED = "sha256:"  # a token given as "sha256:<64 hex digits>" is stored as its hash only
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -63,13 +65,68 @@ class TokenGrant:
         return ANY_KEY in self.keys or key in self.keys
 
 
+def _matches(pattern: str, key: str) -> bool:
+    """A key pattern: an exact key, `P*` (every key starting with P), or `*` (any key)."""
+    if pattern.endswith(ANY_KEY):
+        return key.startswith(pattern[:-1])
+    return key == pattern
+
+
+@attrs.frozen
+class ViewerGrant:
+    """A viewer token (plain, or "sha256:<hex>") and the table keys its dashboards may see.
+
+    Keys are patterns: "EA1" exactly, "EA*" any key starting with "EA", "*" any key. The hub's
+    fan-out enforces it; this class only answers what it allows.
+    """
+
+    token: str = attrs.field(default="", repr=False)  # never logged
+    keys: tuple[str, ...] = (ANY_KEY,)
+    name: str = ""
+
+    def allows(self, key: str) -> bool:
+        """True if the table `key` matches one of the grant's patterns."""
+        return any(_matches(pattern, key) for pattern in self.keys)
+
+    def covers(self, pattern: str) -> bool:
+        """True if every key `pattern` could match is allowed (a viewer asking for "EA*" may
+        have it only from a grant of "EA*", "E*" or "*", not from one of "EA1")."""
+        if not pattern.endswith(ANY_KEY):
+            return self.allows(pattern)
+        prefix = pattern[:-1]
+        return any(q.endswith(ANY_KEY) and prefix.startswith(q[:-1]) for q in self.keys)
+
+    def problem(self) -> str | None:
+        """What is wrong with the entry, in words that never hold the token."""
+        if problem := hash_problem(self.token):
+            return problem
+        if not self.token:
+            return "token: must not be empty"
+        if not self.keys:
+            return 'keys: must name at least one key or pattern ("*": any)'
+        for pattern in self.keys:
+            if not pattern or ANY_KEY in pattern[:-1]:
+                return f"keys: {pattern!r} is not a key, a prefix ending in * or *"
+        return None
+
+
+ALL = ViewerGrant()  # what every viewer may see on a hub without viewer tokens
+
+
 @attrs.frozen
 class Settings:
     """The `[mt5hub]` table. Times are seconds; see docs/protocol.md for what each limit does."""
 
     tokens: tuple[TokenGrant, ...] = (TokenGrant(DEFAULT_TOKEN),)
-    viewer_tokens: tuple[str, ...] = attrs.field(default=(), repr=False)
+    # Empty: dashboards need no token and see every table. Else a token is needed, and it shows
+    # the tables its grant allows (a plain or hashed string: all of them).
+    viewer_tokens: tuple[ViewerGrant, ...] = attrs.field(default=(), repr=False)
     allowed_origins: tuple[str, ...] = ()
+    # Who may read /healthz and /metrics: "any" client, "private" (loopback and private
+    # networks), "loopback", or "token" (status_token only). "auto": "any" when every bind is
+    # loopback (the proxy in front decides), else "private". status_token always admits.
+    status_access: str = "auto"
+    status_token: str = attrs.field(default="", repr=False)  # plain or "sha256:<hex>"
     max_rows: int = 500
     rate_limit: float = 50.0
     rate_burst: int = 100
@@ -137,9 +194,15 @@ class Settings:
         for n, grant in enumerate(self.tokens):
             if problem := hash_problem(grant.token):
                 found.append(f"tokens[{n}] ({grant.name or 'unnamed'}): {problem}")
-        for n, viewer_token in enumerate(self.viewer_tokens):
-            if problem := hash_problem(viewer_token):
-                found.append(f"viewer_tokens[{n}]: {problem}")
+        for n, viewer in enumerate(self.viewer_tokens):
+            if problem := viewer.problem():
+                found.append(f"viewer_tokens[{n}] ({viewer.name or 'unnamed'}): {problem}")
+        if self.status_access not in STATUS_ACCESS:
+            found.append(f"status_access: expected one of {', '.join(STATUS_ACCESS)}")
+        if self.status_access == "token" and not self.status_token:
+            found.append('status_access = "token" needs a status_token (or MT5HUB_STATUS_TOKEN)')
+        if problem := hash_problem(self.status_token):
+            found.append(f"status_token: {problem}")
         if not self.viewer_lag >= 0:  # also refuses NaN
             found.append("viewer_lag: must be 0 seconds or more (inf: no flow control)")
         if not 0 <= self.viewer_lag_interval < math.inf:
@@ -184,11 +247,24 @@ class HubConfig:
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
+_viewer_table = make_dict_structure_fn(ViewerGrant, _converter, _cattrs_forbid_extra_keys=True)
 
 
-def _parse_tokens_env(value: str) -> list[dict[str, Any]]:
+def _structure_viewer(value: Any, _: type) -> ViewerGrant:
+    """A `viewer_tokens` entry: a string (a token that sees every table) or a table."""
+    if isinstance(value, str):
+        value = {"token": value}
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a token string or a table {token, keys, name}")
+    return _viewer_table(value, ViewerGrant)
+
+
+_converter.register_structure_hook(ViewerGrant, _structure_viewer)
+
+
+def _parse_tokens_env(value: str, variable: str = "MT5HUB_TOKENS") -> list[dict[str, Any]]:
     """`MT5HUB_TOKENS="tokA,sha256:<hex>:EA1|EA2"`: comma-separated tokens (plain or hashed),
-    each maybe limited to keys."""
+    each maybe limited to keys. MT5HUB_VIEWER_TOKENS has the same syntax."""
     grants: list[dict[str, Any]] = []
     for n, entry in enumerate(filter(None, (e.strip() for e in value.split(","))), 1):
         prefix = HASHED if entry.startswith(HASHED) else ""
@@ -198,7 +274,7 @@ def _parse_tokens_env(value: str) -> list[dict[str, Any]]:
             {"token": token, "keys": keys.split("|") if keys else [ANY_KEY], "name": f"env#{n}"}
         )
     if not grants:
-        raise ConfigError("MT5HUB_TOKENS is set but holds no token")
+        raise ConfigError(f"{variable} is set but holds no token")
     return grants
 
 
@@ -222,7 +298,11 @@ def load_config(
     if "MT5HUB_STATE_FILE" in environ:  # e.g. systemd's StateDirectory, outside the checkout
         table["state_file"] = environ["MT5HUB_STATE_FILE"]
     if "MT5HUB_VIEWER_TOKENS" in environ:
-        table["viewer_tokens"] = [t for t in environ["MT5HUB_VIEWER_TOKENS"].split(",") if t]
+        viewers = environ["MT5HUB_VIEWER_TOKENS"]
+        empty = not viewers.replace(",", "").strip()  # set but empty: no viewer tokens
+        table["viewer_tokens"] = [] if empty else _parse_tokens_env(viewers, "MT5HUB_VIEWER_TOKENS")
+    if "MT5HUB_STATUS_TOKEN" in environ:
+        table["status_token"] = environ["MT5HUB_STATUS_TOKEN"].strip()
     try:
         settings = _converter.structure(table, Settings)
     except cattrs.BaseValidationError as exc:
@@ -257,6 +337,15 @@ def is_loopback_bind(bind: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a hostname, `fd://`, an empty host: assume the world can reach it
+
+
+def status_access(config: HubConfig) -> str:
+    """`status_access` with "auto" decided: "any" when every bind is loopback (nothing but this
+    machine, or a proxy on it that decides, reaches the hub), else "private"."""
+    access = config.settings.status_access
+    if access != "auto":
+        return access
+    return "any" if all(is_loopback_bind(b) for b in config.binds) else "private"
 
 
 def check_safe_to_serve(config: HubConfig) -> None:

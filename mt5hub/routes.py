@@ -20,9 +20,9 @@ import trio
 from quart import Response, Websocket, jsonify, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
-from .auth import Authenticator, Refusal, bearer_token
+from .auth import Authenticator, Refusal, StatusAccess, bearer_token
 from .backplane import RedisBackplane
-from .config import HubConfig, check_safe_to_serve, load_config
+from .config import HubConfig, check_safe_to_serve, load_config, status_access
 from .errors import ProtocolError
 from .hub import Backplane, Hub, LocalBackplane
 from .limits import (
@@ -152,6 +152,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
         else None
     )
     auth = Authenticator(settings.tokens, settings.viewer_tokens, settings.allowed_origins)
+    status = StatusAccess(status_access(config), settings.status_token)
     decoder = Decoder(settings.max_rows)
     limits = Limits(
         max_viewers=settings.max_viewers,
@@ -239,8 +240,26 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
     async def index() -> Any:
         return await send_from_directory(TEMPLATES, "index.html")
 
+    def status_refusal() -> Response | None:
+        """401/403 for a client that may not read /healthz or /metrics (status_access)."""
+        peer = request.remote_addr or ""  # none on a unix socket
+        forwarded = request.headers.get("X-Forwarded-For")
+        ip = client_ip(peer, forwarded, settings.trusted_proxies)
+        token = bearer_token(request.headers.get("Authorization"), request.args.get("token"))
+        refusal = status.check(token, ip, untrusted_proxy=bool(forwarded) and ip == peer)
+        if refusal is None:
+            return None
+        reason = "status_forbidden" if refusal.status == 403 else "status_unauthorized"
+        line = "refused GET %s from %s: %s %s"
+        throttle.warning(reason, ip, line, request.path, ip, refusal.status, refusal.detail)
+        body = encode({"error": reason.removeprefix("status_"), "detail": refusal.detail})
+        headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else {}
+        return Response(body, refusal.status, headers, content_type="application/json")
+
     @app.get("/healthz")
     async def healthz() -> Any:
+        if (refused := status_refusal()) is not None:
+            return refused
         bp = hub.backplane.status()
         failing = dict(supervisor.failing)  # background tasks failing now, and their last error
         if store is not None and store.problem:  # saves failing with OSError (disk full, say)
@@ -260,6 +279,8 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if (refused := status_refusal()) is not None:
+            return refused
         return Response(hub.metrics.render(), content_type=CONTENT_TYPE)
 
     @app.get("/ws")

@@ -147,6 +147,7 @@ def write_hub_files(
 def new_hub(folder: Path, ca: trustme.CA, settings: dict[str, Any]) -> RunningHub:
     """A hub with these settings in `folder`, on free ports; not started yet."""
     hub = RunningHub(folder, free_port(), free_port(), ca)
+    hub.status_token = str(settings.get("status_token", ""))  # plain, if the test sets one
     write_hub_files(folder, ca, hub.http_port, hub.https_port, settings)
     return hub
 

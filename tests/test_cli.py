@@ -11,11 +11,13 @@ import json
 import socket
 import subprocess
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from conftest import MT5HUB, ROOT, RunningHub
 
-from mt5hub.config import DEFAULT_TOKEN
+from mt5hub.cli import hashed
+from mt5hub.config import DEFAULT_TOKEN, load_config
 from mt5hub.testing.launcher import free_port, hub_toml
 
 
@@ -67,9 +69,11 @@ def test_check_config_passes_a_config_the_hub_serves_and_says_what_it_will_do(
             {"tokens": [{"token": "sha256:abc", "keys": ["*"]}]},
             "tokens[0]",
         ),
+        ({"bind": ["127.0.0.1:8000"]}, {"status_access": "token"}, "needs a status_token"),
+        ({"bind": ["127.0.0.1:8000"]}, {"status_access": "public"}, "status_access: expected"),
     ],
     ids=["default-token-public", "workers-no-backplane", "unknown-key", "bad-value", "no-cert",
-         "bad-hash"],
+         "bad-hash", "status-token-missing", "status-access-unknown"],
 )  # fmt: skip
 def test_check_config_refuses_what_the_hub_refuses_with_the_reason_and_exit_1(
     tmp_path: Path, top: dict[str, object], hub: dict[str, object], reason: str
@@ -99,13 +103,54 @@ def test_check_config_starts_nothing(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", port))  # nobody listens there
 
 
-def test_token_new_for_a_viewer_prints_the_token_once_and_its_hash_line() -> None:
+def test_token_new_for_a_viewer_prints_the_token_its_hash_line_and_the_dashboard_link() -> None:
     done = run("token", "new", "--viewer")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     token = lines[0]
-    assert sum(token in line for line in lines) == 1
-    assert any(line.startswith('viewer_tokens = ["sha256:') for line in lines), lines
+    link = f"https://localhost:8443/?token={token}"
+    assert [line for line in lines if token in line] == [token, link]  # nowhere else
+    assert f'viewer_tokens = ["{hashed(token)}"]' in lines
+    assert f"# or in the environment: MT5HUB_VIEWER_TOKENS={hashed(token)}" in lines
+
+
+def test_token_new_for_a_scoped_viewer_prints_its_keys_and_a_link_that_asks_for_them(
+    tmp_path: Path,
+) -> None:
+    done = run(
+        "token", "new", "--viewer", "--keys", "EA1, EA*,a&b", "--name", "client-a",
+        "--url", "https://hub.example.com:8443/dash?theme=dark",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    token = lines[0]
+    (link,) = (line for line in lines[1:] if token in line)
+    parts = urlsplit(link)
+    assert (parts.scheme, parts.netloc, parts.path) == ("https", "hub.example.com:8443", "/dash")
+    assert parse_qs(parts.query) == {"theme": ["dark"], "token": [token], "keys": ["EA1,EA*,a&b"]}
+    assert "keys=EA1,EA*,a%26b" in link
+    env = f"# or in the environment: MT5HUB_VIEWER_TOKENS={hashed(token)}:EA1|EA*|a&b"
+    assert env in lines
+    # The hub.toml line, as the hub loads it.
+    (entry,) = (line for line in lines if line.startswith("viewer_tokens = "))
+    (tmp_path / "hub.toml").write_text(f"[mt5hub]\n{entry}\n")
+    (grant,) = load_config(tmp_path / "hub.toml", {}).settings.viewer_tokens
+    assert (grant.token, grant.keys, grant.name) == (
+        hashed(token),
+        ("EA1", "EA*", "a&b"),
+        "client-a",
+    )
+
+
+def test_token_new_refuses_a_viewer_key_pattern_the_hub_would_refuse() -> None:
+    done = run("token", "new", "--viewer", "--keys", "E*1")
+    assert done.returncode == 2 and "'E*1'" in done.stderr and not done.stdout
+
+
+def test_token_new_for_a_publisher_prints_no_link() -> None:
+    done = run("token", "new", "--keys", "EA1", "--url", "https://hub.example.com/")
+    assert done.returncode == 0, done.stderr
+    assert "://" not in done.stdout and "MT5HUB_TOKENS=sha256:" in done.stdout
 
 
 def test_a_token_hash_without_a_token_on_stdin_is_an_error() -> None:

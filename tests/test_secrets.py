@@ -44,8 +44,9 @@ def mt5hub(*args: str, stdin: str = "") -> list[str]:
 
 
 def toml_part(lines: list[str]) -> dict[str, object]:
-    """The hub.toml lines the command printed, parsed as TOML."""
-    return tomllib.loads("\n".join(line for line in lines[1:] if not line.startswith("#")))
+    """The hub.toml lines the command printed, parsed as TOML (not the comments, nor the link)."""
+    toml = (line for line in lines[1:] if not line.startswith("#") and "://" not in line)
+    return tomllib.loads("\n".join(toml))
 
 
 def test_new_token_prints_the_token_once_and_hub_toml_gets_only_its_hash() -> None:

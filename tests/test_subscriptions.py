@@ -18,27 +18,13 @@ from hypothesis import strategies as st
 from test_hub_core import SETTINGS, MemoryTransport, rig
 from trio.testing import MockClock
 
+from mt5hub.config import ViewerGrant
 from mt5hub.delta import apply as apply_patch
 from mt5hub.fanout import Frame
 from mt5hub.hub import Event, Hub, Inbox
 from mt5hub.subscription import Selector, Subscription, TableId, query_selectors
 
 TFS = ("M1", "H1", "D1")
-
-
-@attrs.frozen
-class KeysGrant:
-    """A scoped viewer token's grant: these keys, exactly or by prefix (`EA*`)."""
-
-    keys: tuple[str, ...]
-
-    def allows(self, key: str) -> bool:
-        return any(key.startswith(k[:-1]) if k.endswith("*") else key == k for k in self.keys)
-
-    def covers(self, pattern: str) -> bool:
-        if pattern.endswith("*"):
-            return any(k.endswith("*") and pattern.startswith(k[:-1]) for k in self.keys)
-        return self.allows(pattern)
 
 
 def update(table: TableId, rows: list[dict[str, Any]], ts: int = 1) -> Event:
@@ -193,7 +179,7 @@ async def test_a_scoped_viewer_sees_only_its_keys_and_asking_beyond_them_is_forb
     async with rig() as r:
         for table in (A, B, C):
             r.hub.apply(update(table, rows({"EURUSD": [1, 2, 3]})))
-        grant = KeysGrant(("EA1",))
+        grant = ViewerGrant("token", ("EA1",))
         subscription, refused = Subscription.at_connect(grant, query_selectors("EA*,EA1", None))
         assert refused == ["EA*"]
         view = await r.viewer(subscription=subscription, refused=refused)

@@ -40,6 +40,7 @@ HUB_ENV = (
     "MT5HUB_VIEWER_TOKENS",
     "MT5HUB_BACKPLANE",
     "MT5HUB_STATE_FILE",
+    "MT5HUB_STATUS_TOKEN",
 )
 _PR_SET_PDEATHSIG = 1
 
@@ -170,9 +171,11 @@ def hub_toml(
     return "\n".join(lines) + "\n"
 
 
-def healthz(port: int, timeout: float = 5.0) -> dict[str, Any]:
-    """GET /healthz on loopback, parsed."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as r:
+def healthz(port: int, timeout: float = 5.0, token: str = "") -> dict[str, Any]:
+    """GET /healthz on loopback, parsed; with the hub's `status_token`, if it needs one."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz", headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as r:
         result: dict[str, Any] = json.loads(r.read())
         return result
 
@@ -185,6 +188,7 @@ def wait_ready(
     log: Path | None = None,
     *,
     any_answer: bool = False,
+    token: str = "",
 ) -> None:
     """Until /healthz on `port` has answered from every worker (each answer comes from one of
     them; after `timeout`, go on if some have), or with `any_answer` until any HTTP answer comes
@@ -200,7 +204,7 @@ def wait_ready(
                 return
             raise RuntimeError(f"nothing answered /healthz within {timeout} s:\n{_tail(log)}")
         try:
-            pids.add(int(healthz(port, timeout=2.0)["pid"]))
+            pids.add(int(healthz(port, timeout=2.0, token=token)["pid"]))
         except (OSError, ValueError, KeyError) as exc:  # not listening yet: wait, ask again
             if any_answer and isinstance(exc, urllib.error.HTTPError):
                 return
@@ -230,6 +234,7 @@ class HubProcess:
         self.port = port
         self.workers = workers
         self.pythonpath = pythonpath  # a folder put before the checkout on PYTHONPATH
+        self.status_token = ""  # plain: what /healthz needs from loopback (status_access)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -253,7 +258,9 @@ class HubProcess:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         assert self.process is not None
-        wait_ready(self.process, self.port, self.workers, timeout, self.log_path)
+        wait_ready(
+            self.process, self.port, self.workers, timeout, self.log_path, token=self.status_token
+        )
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM to Hypercorn's master, as systemd would, then wait (past `timeout`, SIGKILL to
@@ -271,14 +278,16 @@ class HubProcess:
         self.stop()
         self.start()
 
-    def get(self, path: str) -> tuple[int, str]:
+    def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, str]:
         """GET over plain HTTP: the status and the body, for any status."""
         try:
             url = f"http://127.0.0.1:{self.port}{path}"
-            with urllib.request.urlopen(url, timeout=5) as response:
+            request = urllib.request.Request(url, headers=dict(headers or {}))
+            with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
 
     def health(self) -> dict[str, Any]:
-        return json.loads(self.get("/healthz")[1])  # type: ignore[no-any-return]
+        auth = {"Authorization": f"Bearer {self.status_token}"} if self.status_token else {}
+        return json.loads(self.get("/healthz", auth)[1])  # type: ignore[no-any-return]
