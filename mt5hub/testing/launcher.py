@@ -150,9 +150,14 @@ def hub_env(**extra: str) -> dict[str, str]:
 
 
 def toml_value(value: Any) -> str:
-    """A TOML value: JSON's strings, numbers, booleans and lists are valid TOML; inf is not."""
+    """A TOML value: JSON's strings, numbers and booleans are valid TOML; inf is not; lists and
+    tables are written item by item (a table inline: `{token = "...", keys = ["EA1"]}`)."""
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(value)
 
 
