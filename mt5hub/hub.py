@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
@@ -24,7 +24,6 @@ from .models import Head
 from .state import (
     Capacity,
     Publisher,
-    SavedTable,
     Snapshots,
     TableState,
     encode,
@@ -118,7 +117,7 @@ class Hub:
         """Accept a validated publish (`raw`, parsed from `raw_text`) from a live publisher."""
         text = update_text(raw_text, raw, self.now_ms())  # may refuse it: before any state changes
         self.capacity.check(self.tables, message.table, text)
-        state = self._table(message.table)
+        state = self.table_state(message.table)
         if publisher not in state.publishers:
             self._take_over(publisher, message.client_id, state)
         first = not state.publishers
@@ -158,7 +157,8 @@ class Hub:
         event.update(online=online, ts=self.now_ms())
         return Event("presence", table, encode(event), client_id=client_id, online=online)
 
-    def _table(self, table: TableId) -> TableState:
+    def table_state(self, table: TableId) -> TableState:
+        """This table's state, new (and empty) if the hub did not know it."""
         state = self.tables.get(table)
         if state is None:
             state = self.tables[table] = TableState(table)
@@ -174,7 +174,7 @@ class Hub:
         Returns False for what changes nothing, which viewers never see: an update whose `seq`
         this hub has applied already, a presence the table has already.
         """
-        state = self._table(event.table)
+        state = self.table_state(event.table)
         if event.kind == "update":
             if event.seq is not None and event.seq <= state.seq:
                 return False
@@ -197,36 +197,6 @@ class Hub:
             state.client_id = event.client_id
         self.fanout.deliver(frame)
         return True
-
-    # -- surviving a restart ------------------------------------------------------------------
-
-    def saved_tables(self) -> list[SavedTable]:
-        """The latest state of every table, to be kept where it outlives this process."""
-        return [
-            SavedTable(s.table, s.seq, s.client_id, s.update.text)
-            for s in self.tables.values()
-            if s.update is not None
-        ]
-
-    def restore(self, saved: Iterable[SavedTable]) -> int:
-        """Put back tables saved by an earlier run, before anyone publishes; how many.
-
-        They come back offline (no connection publishes them yet) with their seq, so that a
-        returning publisher's next update continues the numbering viewers already know. A table
-        this hub already has is left as it is: what it holds is newer than any file.
-        """
-        restored = 0
-        for entry in saved:
-            if entry.table in self.tables:
-                continue
-            state = self._table(entry.table)
-            state.seq = entry.seq
-            state.client_id = entry.client_id
-            self.capacity.replaced(state.update, entry.text)
-            state.update = Frame(entry.text, ("update", *entry.table), seq=entry.seq)
-            restored += 1
-        self.snapshots.changed()
-        return restored
 
     # -- viewers ----------------------------------------------------------------------------
 

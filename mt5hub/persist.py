@@ -35,12 +35,13 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from .fanout import Frame
 from .hub import Hub
 from .state import SavedTable, encode
 from .subscription import TableId
@@ -68,30 +69,18 @@ class BadEntry(ValueError):
     """A table entry of the state file that cannot be restored; the message says why."""
 
 
-class StateStore:
-    """One state file: load it at startup, keep it current while serving, write it at shutdown."""
+class StateFile:
+    """One state file and its log: read at startup, written from a worker thread."""
 
     def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        interval: float = 1.0,
-        in_thread: InThread = in_worker_thread,
-        wall_clock: Callable[[], float] = time.time,
+        self, path: str | os.PathLike[str], wall_clock: Callable[[], float] = time.time
     ) -> None:
         self.path = Path(path)  # relative: to the working directory, like hub.toml
-        self.interval = interval
-        self._in_thread = in_thread
         self._wall_clock = wall_clock
-        self._lock = trio.Lock()  # one save at a time from this event loop
-        self._saved_changes = 0  # Hub.changes as of the last successful save
-        self._failing = False  # a save failed and nothing has been saved since: log once
-        self.problem = ""  # why the last save failed, while saves fail (for /healthz)
         # Writes abandoned by a cancelled caller may still run in their thread: this lock and
         # the newest generation written keep an older snapshot from replacing a newer one.
         self._write_lock = threading.Lock()
         self._written = 0
-        self._saved: dict[TableId, tuple[int, str]] = {}  # (seq, clientId) on disk, per table
         self._log_id: str | None = None  # the log that appends go to; None: compact next
         self._base_bytes = 0
         self._log_bytes = 0
@@ -220,75 +209,6 @@ class StateStore:
                 with contextlib.suppress(OSError):
                     leftover.unlink()
 
-    # -- while serving ------------------------------------------------------------------------
-
-    async def run(self, hub: Hub, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Save every `interval` while something changed; runs until cancelled."""
-        task_status.started()
-        while True:
-            await trio.sleep(self.interval)
-            await self.save(hub)
-
-    async def save(self, hub: Hub) -> bool:
-        """Write what changed since the last save, if anything did; False if the write failed.
-
-        Appends the changed tables to the log, or compacts (see the module docstring). A
-        failure (disk full, permissions) is counted and logged once, and retried at the next
-        interval: the hub serves on, only its restart would lose what was not saved.
-        """
-        async with self._lock:
-            changes = hub.changes
-            if changes == self._saved_changes:
-                return True
-            saved = self._saved
-            changed = [
-                SavedTable(s.table, s.seq, s.client_id, s.update.text)
-                for s in hub.tables.values()
-                if s.update is not None and saved.get(s.table) != (s.seq, s.client_id)
-            ]
-            compact = (
-                self._log_id is None
-                or self._log_bytes > max(COMPACT_BYTES, self._base_bytes)
-                or not changed  # only possible after a restore: nothing to append
-            )
-            tables = hub.saved_tables() if compact else changed
-            write = self.write if compact else self.append
-            try:
-                await self._in_thread(lambda: write(tables, changes))
-            except OSError as exc:
-                hub.metrics.state_save_errors.inc()
-                if not self._failing:
-                    log.warning(
-                        "cannot save the tables to %s: %s; retrying every %s s",
-                        self.path,
-                        _describe(exc),
-                        self.interval,
-                    )
-                self._failing = True
-                self.problem = f"cannot write {self.path}: {_describe(exc)}"
-                return False
-            self._saved_changes = changes
-            for table in tables:
-                saved[table.table] = (table.seq, table.client_id)
-            hub.metrics.state_saves.inc()
-            if self._failing:
-                log.info("saved the tables to %s again", self.path)
-                self._failing = False
-                self.problem = ""
-            return True
-
-    async def final_save(self, hub: Hub, timeout: float = FINAL_SAVE_TIMEOUT) -> None:
-        """The last save, at shutdown: shielded from the shutdown's cancellation, bounded."""
-        with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True) as scope:
-            await self.save(hub)
-        if scope.cancelled_caught:
-            log.warning(
-                "the final save to %s did not finish within %s s: it holds the state of the "
-                "last save before it",
-                self.path,
-                timeout,
-            )
-
     # -- the file -----------------------------------------------------------------------------
 
     def write(self, tables: Sequence[SavedTable], generation: int) -> None:
@@ -362,6 +282,127 @@ class StateStore:
         if log_id is not None:
             document["log"] = log_id
         return encode(document).encode()
+
+
+class StateStore(StateFile):
+    """A state file kept current while serving: loaded at startup, saved every `interval`
+    after a change, and written once more at shutdown."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        interval: float = 1.0,
+        in_thread: InThread = in_worker_thread,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(path, wall_clock)
+        self.interval = interval
+        self._in_thread = in_thread
+        self._lock = trio.Lock()  # one save at a time from this event loop
+        self._saved_changes = 0  # Hub.changes as of the last successful save
+        self._failing = False  # a save failed and nothing has been saved since: log once
+        self.problem = ""  # why the last save failed, while saves fail (for /healthz)
+        self._saved: dict[TableId, tuple[int, str]] = {}  # (seq, clientId) on disk, per table
+
+    # -- while serving ------------------------------------------------------------------------
+
+    async def run(self, hub: Hub, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Save every `interval` while something changed; runs until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval)
+            await self.save(hub)
+
+    async def save(self, hub: Hub) -> bool:
+        """Write what changed since the last save, if anything did; False if the write failed.
+
+        Appends the changed tables to the log, or compacts (see the module docstring). A
+        failure (disk full, permissions) is counted and logged once, and retried at the next
+        interval: the hub serves on, only its restart would lose what was not saved.
+        """
+        async with self._lock:
+            changes = hub.changes
+            if changes == self._saved_changes:
+                return True
+            saved = self._saved
+            changed = [
+                SavedTable(s.table, s.seq, s.client_id, s.update.text)
+                for s in hub.tables.values()
+                if s.update is not None and saved.get(s.table) != (s.seq, s.client_id)
+            ]
+            compact = (
+                self._log_id is None
+                or self._log_bytes > max(COMPACT_BYTES, self._base_bytes)
+                or not changed  # only possible after a restore: nothing to append
+            )
+            tables = saved_tables(hub) if compact else changed
+            write = self.write if compact else self.append
+            try:
+                await self._in_thread(lambda: write(tables, changes))
+            except OSError as exc:
+                hub.metrics.state_save_errors.inc()
+                if not self._failing:
+                    log.warning(
+                        "cannot save the tables to %s: %s; retrying every %s s",
+                        self.path,
+                        _describe(exc),
+                        self.interval,
+                    )
+                self._failing = True
+                self.problem = f"cannot write {self.path}: {_describe(exc)}"
+                return False
+            self._saved_changes = changes
+            for table in tables:
+                saved[table.table] = (table.seq, table.client_id)
+            hub.metrics.state_saves.inc()
+            if self._failing:
+                log.info("saved the tables to %s again", self.path)
+                self._failing = False
+                self.problem = ""
+            return True
+
+    async def final_save(self, hub: Hub, timeout: float = FINAL_SAVE_TIMEOUT) -> None:
+        """The last save, at shutdown: shielded from the shutdown's cancellation, bounded."""
+        with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True) as scope:
+            await self.save(hub)
+        if scope.cancelled_caught:
+            log.warning(
+                "the final save to %s did not finish within %s s: it holds the state of the "
+                "last save before it",
+                self.path,
+                timeout,
+            )
+
+
+def saved_tables(hub: Hub) -> list[SavedTable]:
+    """The latest state of every table, to be kept where it outlives this process."""
+    return [
+        SavedTable(s.table, s.seq, s.client_id, s.update.text)
+        for s in hub.tables.values()
+        if s.update is not None
+    ]
+
+
+def restore(hub: Hub, saved: Iterable[SavedTable]) -> int:
+    """Put back tables saved by an earlier run, before anyone publishes; how many.
+
+    They come back offline (no connection publishes them yet) with their seq, so that a
+    returning publisher's next update continues the numbering viewers already know. A table
+    the hub already has is left as it is: what it holds is newer than any file.
+    """
+    restored = 0
+    for entry in saved:
+        if entry.table in hub.tables:
+            continue
+        state = hub.table_state(entry.table)
+        state.seq = entry.seq
+        state.client_id = entry.client_id
+        hub.capacity.replaced(state.update, entry.text)
+        state.update = Frame(entry.text, ("update", *entry.table), seq=entry.seq)
+        restored += 1
+    hub.snapshots.changed()
+    return restored
 
 
 def _entry(t: SavedTable) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import trio
 from quart import Response, Websocket, jsonify, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 
+from . import persist
 from .auth import Authenticator, Refusal, StatusAccess, bearer_token
 from .backplane import RedisBackplane
 from .config import HubConfig, check_safe_to_serve, load_config, status_access
@@ -213,7 +214,7 @@ def create_app(config: HubConfig | None = None) -> QuartTrio:
             )
         if store is not None:
             # Before serving, so the first viewer's snapshot holds the tables of the last run.
-            hub.restore(await trio.to_thread.run_sync(store.load))
+            persist.restore(hub, await trio.to_thread.run_sync(store.load))
             # Cancelled at shutdown, before final_save.
             app.nursery.start_soon(supervisor.run, "state saver", functools.partial(store.run, hub))
         elif settings.state_file and settings.backplane:

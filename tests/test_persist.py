@@ -128,7 +128,7 @@ async def test_saved_tables_come_back_offline_with_their_seq_which_a_returning_p
     assert await StateStore(tmp_path / "state.json", in_thread=inline).save(before)
 
     after = Hub(wall_clock=lambda: 2000.0)
-    assert after.restore(StateStore(tmp_path / "state.json").load()) == 2
+    assert persist.restore(after, StateStore(tmp_path / "state.json").load()) == 2
     old = {(t["key"], t["src"]): t for t in _snapshot_tables(before)}
     new = {(t["key"], t["src"]): t for t in _snapshot_tables(after)}
     # Exactly what viewers had before (data, seq, clientId, ts, extra fields), but offline.
@@ -157,7 +157,7 @@ async def test_a_table_the_hub_already_has_is_not_replaced_by_a_restored_one(
     publish(hub, value=2)
     hub.publisher_gone(CONNECTION)
     publish(hub, value=3)
-    assert hub.restore(old.saved_tables()) == 0
+    assert persist.restore(hub, persist.saved_tables(old)) == 0
     [entry] = json.loads(hub.snapshots.everything()[0].text)["tables"]
     assert (entry["seq"], entry["online"], entry["data"]) == (2, True, table_rows(value=3))
 
@@ -269,10 +269,10 @@ async def test_an_older_snapshot_written_late_never_replaces_a_newer_one(tmp_pat
     """A write abandoned by a cancelled caller may finish after the final save's."""
     hub = Hub()
     publish(hub, value=1)
-    older = hub.saved_tables()
+    older = persist.saved_tables(hub)
     publish(hub, value=2)
     store = StateStore(tmp_path / "state.json")
-    store.write(hub.saved_tables(), generation=2)
+    store.write(persist.saved_tables(hub), generation=2)
     store.write(older, generation=1)
     assert saved_seqs(store.path) == {("EA1", "S1"): 2}
 
