@@ -69,28 +69,12 @@ class BadEntry(ValueError):
     """A table entry of the state file that cannot be restored; the message says why."""
 
 
-class StateFile:
-    """One state file and its log: read at startup, written from a worker thread."""
+class StateReader:
+    """Reads a state file and its log at startup; moves aside what cannot be used."""
 
-    def __init__(
-        self, path: str | os.PathLike[str], wall_clock: Callable[[], float] = time.time
-    ) -> None:
-        self.path = Path(path)  # relative: to the working directory, like hub.toml
-        self._wall_clock = wall_clock
-        # Writes abandoned by a cancelled caller may still run in their thread: this lock and
-        # the newest generation written keep an older snapshot from replacing a newer one.
-        self._write_lock = threading.Lock()
-        self._written = 0
-        self._log_id: str | None = None  # the log that appends go to; None: compact next
-        self._base_bytes = 0
-        self._log_bytes = 0
-
-    @property
-    def log_path(self) -> Path:
-        """The append log beside the base file."""
-        return self.path.with_name(self.path.name + ".log")
-
-    # -- startup ------------------------------------------------------------------------------
+    def __init__(self, path: Path, wall_clock: Callable[[], float] = time.time) -> None:
+        self.path, self._wall_clock = path, wall_clock
+        self.log_path = path.with_name(path.name + ".log")
 
     def load(self) -> list[SavedTable]:
         """The tables of the file; [] (and the bad file moved aside) when it cannot be used."""
@@ -208,6 +192,32 @@ class StateFile:
             for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 with contextlib.suppress(OSError):
                     leftover.unlink()
+
+
+class StateFile:
+    """One state file and its log: read at startup, written from a worker thread."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        self.path = Path(path)  # relative: to the working directory, like hub.toml
+        self._wall_clock = wall_clock
+        # Writes abandoned by a cancelled caller may still run in their thread: this lock and
+        # the newest generation written keep an older snapshot from replacing a newer one.
+        self._write_lock = threading.Lock()
+        self._written = 0
+        self._log_id: str | None = None  # the log that appends go to; None: compact next
+        self._base_bytes = 0
+        self._log_bytes = 0
+
+    @property
+    def log_path(self) -> Path:
+        """The append log beside the base file."""
+        return self.path.with_name(self.path.name + ".log")
+
+    def load(self) -> list[SavedTable]:
+        """The tables of the file; [] (and the bad file moved aside) when it cannot be used."""
+        return StateReader(self.path, self._wall_clock).load()
 
     # -- the file -----------------------------------------------------------------------------
 
