@@ -83,6 +83,7 @@ class Inbox:
     def __init__(self, size: int, metrics: Metrics, role: str) -> None:
         self.send, self.receive = open_conflating_channel(size, frame_slot)
         self._dropped = metrics.dropped.labels(role)
+        self._conflated = metrics.conflated
 
     def offer(self, frame: Frame, express: bool = True) -> bool:
         try:
@@ -95,6 +96,25 @@ class Inbox:
 
     def __len__(self) -> int:
         return len(self.receive)
+
+    def take_batch(self, batch: list[Frame], max_bytes: int) -> list[Frame]:
+        """The batch with what waits here, up to `max_bytes` of text, for one write: a newer
+        frame of a slot already in the batch takes that frame's place (as it would have here)."""
+        size = sum(len(frame.text) for frame in batch)
+        where = {frame.slot: n for n, frame in enumerate(batch) if frame.slot is not None}
+        receive = self.receive
+        while size < max_bytes and len(receive):
+            frame = receive.receive_nowait()
+            size += len(frame.text)
+            if frame.slot is None:
+                batch.append(frame)
+            elif (n := where.get(frame.slot)) is not None:
+                batch[n] = frame
+                self._conflated.inc()
+            else:
+                where[frame.slot] = len(batch)
+                batch.append(frame)
+        return batch
 
 
 class Fanout:

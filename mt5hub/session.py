@@ -237,23 +237,18 @@ class Session:
         """An application ping (`{"type":"ping"}`), through the outbox like any frame."""
         self.outbox.offer(Frame(encode({"type": "ping", "ts": self.hub.now_ms()})))
 
-    def _progress(self) -> float | None:
+    def write_idle_since(self) -> float | None:
         """Since when the write in progress (if any) has made no progress."""
         since = self.sending_since
         return None if since is None else max(since, self.transport.progress_at)
 
-    def stuck(self, now: float) -> TooSlow | None:
-        """Why the peer counts as no longer reading, if it does: a write of which the socket
-        took nothing for slow_viewer_timeout (a large write read slowly is not stuck)."""
-        idle = self._progress()
-        if idle is not None and now - idle >= self.settings.slow_viewer_timeout:
-            return TooSlow(f"socket took nothing for {now - idle:.0f} s")
+    def unanswered_since(self) -> float | None:
+        """Since when the peer has left unanswered what proves it reads (None: nothing out)."""
         return None
 
-    def next_stuck_check(self, now: float) -> float:
-        """When `stuck` may next say something new (a send may start meanwhile: look again)."""
-        idle = self._progress()
-        return (now if idle is None else idle) + self.settings.slow_viewer_timeout
+    @property
+    def slow_timeout(self) -> float:
+        return self.settings.slow_viewer_timeout
 
 
 async def _close(session: Session, error: HubError) -> None:

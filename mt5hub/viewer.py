@@ -16,7 +16,7 @@ import trio
 
 from .config import Settings
 from .delivery import Delivery, error_frame, forbidden
-from .errors import HubError, TooSlow
+from .errors import HubError
 from .fanout import Frame, Inbox
 from .flow import FlowControl
 from .hub import Hub
@@ -142,10 +142,10 @@ class ViewerSession(Session):
             else:
                 first = await receive.receive()  # woken for it: no other task runs before us
             self._holding = True
-            batch = self._more([first])
+            batch = self.outbox.take_batch([first], WRITE_BATCH_BYTES)
             while self.flow.behind(trio.current_time()):  # the ping grew old while idle
                 await self._until_prompt()
-                batch = self._more(batch)
+                batch = self.outbox.take_batch(batch, WRITE_BATCH_BYTES)
             if (delivery := self.delivery) is not None:
                 batch, after = delivery.prepare(batch)
                 delivery.held.update(after)  # before the write: if it fails, the connection ends
@@ -170,25 +170,6 @@ class ViewerSession(Session):
             with self.hub.away(self):
                 await self._answers.park()
 
-    def _more(self, batch: list[Frame]) -> list[Frame]:
-        """The batch with what waits in the outbox, up to WRITE_BATCH_BYTES: a newer frame of a
-        slot already in the batch takes that frame's place (as it would have in the outbox)."""
-        size = sum(len(frame.text) for frame in batch)
-        where = {frame.slot: n for n, frame in enumerate(batch) if frame.slot is not None}
-        receive = self.outbox.receive
-        while size < WRITE_BATCH_BYTES and len(receive):
-            frame = receive.receive_nowait()
-            size += len(frame.text)
-            if frame.slot is None:
-                batch.append(frame)
-            elif (n := where.get(frame.slot)) is not None:
-                batch[n] = frame
-                self.hub.metrics.conflated.inc()
-            else:
-                where[frame.slot] = len(batch)
-                batch.append(frame)
-        return batch
-
     def sent_out(self, frames: Sequence[Frame]) -> None:
         """Counted, and each update's time from its publish's arrival to its write observed."""
         self._frames_out.inc(len(frames))
@@ -201,23 +182,8 @@ class ViewerSession(Session):
 
     # -- the watchdog -----------------------------------------------------------------------------
 
-    def stuck(self, now: float) -> TooSlow | None:
-        """Also stuck: a ping left unanswered for slow_viewer_timeout after the write it ended
-        went out (the peer reads nothing more)."""
-        if (slow := super().stuck(now)) is not None:
-            return slow
-        out = self._ping_out_since()
-        if out is not None and now - out >= self.settings.slow_viewer_timeout:
-            return TooSlow(f"read nothing it was sent for {now - out:.0f} s")
-        return None
-
-    def next_stuck_check(self, now: float) -> float:
-        out = self._ping_out_since()
-        if self.sending_since is None and out is not None:
-            return out + self.settings.slow_viewer_timeout
-        return super().next_stuck_check(now)
-
-    def _ping_out_since(self) -> float | None:
-        """When the ping that is out left: the end of its write (a large one takes a while)."""
+    def unanswered_since(self) -> float | None:
+        """When the flow-control ping that is out left: the end of its write (a large one
+        takes a while). Unanswered for slow_timeout, the peer reads nothing more."""
         out = self.flow.out_since
         return None if out is None else max(out, self.transport.progress_at)

@@ -27,9 +27,12 @@ class Watched(Protocol):
 
     def ping(self) -> None: ...
 
-    def stuck(self, now: float) -> TooSlow | None: ...
+    @property
+    def slow_timeout(self) -> float: ...
 
-    def next_stuck_check(self, now: float) -> float: ...
+    def write_idle_since(self) -> float | None: ...
+
+    def unanswered_since(self) -> float | None: ...
 
     def fail(self, error: HubError) -> None: ...
 
@@ -69,9 +72,30 @@ class Watchdog:
             if quiet >= interval and now - pinged_at >= interval:
                 s.ping()
                 pinged_at = now
-            if (slow := s.stuck(now)) is not None:
+            if (slow := stuck(s, now)) is not None:
                 s.fail(slow)
                 return
             wake = [s.last_seen + s.timeout, max(s.last_seen, pinged_at) + interval]
-            wake.append(s.next_stuck_check(now))
+            wake.append(next_stuck_check(s, now))
             await trio.sleep_until(min(wake))
+
+
+def stuck(s: Watched, now: float) -> TooSlow | None:
+    """Why the peer counts as no longer reading, if it does: a write of which the socket took
+    nothing for slow_timeout (a large write read slowly is not stuck), or what proves it reads
+    (a viewer's flow-control ping) left unanswered that long after it went out."""
+    idle = s.write_idle_since()
+    if idle is not None and now - idle >= s.slow_timeout:
+        return TooSlow(f"socket took nothing for {now - idle:.0f} s")
+    out = s.unanswered_since()
+    if out is not None and now - out >= s.slow_timeout:
+        return TooSlow(f"read nothing it was sent for {now - out:.0f} s")
+    return None
+
+
+def next_stuck_check(s: Watched, now: float) -> float:
+    """When `stuck` may next say something new (a send may start meanwhile: look again)."""
+    idle, out = s.write_idle_since(), s.unanswered_since()
+    if idle is None and out is not None:
+        return out + s.slow_timeout
+    return (now if idle is None else idle) + s.slow_timeout
