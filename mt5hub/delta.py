@@ -41,10 +41,14 @@ from collections.abc import Callable
 from itertools import repeat
 from typing import Any, cast
 
-__all__ = ["IGNORED", "apply", "diff"]
+__all__ = ["HEADER", "IGNORED", "apply", "diff"]
 
 IGNORED = frozenset({"type", "seq", "ts", "online"})
 """Fields of an update that are not the table's, never diffed (`apply` keeps old's)."""
+
+HEADER = frozenset({"type", "key", "src", "seq", "base", "ts"})
+"""A patch frame's header: `{"type": "patch", "key", "src", "seq", "base", "ts", **body}`. No body
+has these names at its top level, so a frame's body is its other fields."""
 
 _TOP_SKIP = IGNORED | {"data"}
 _ROW_SKIP = frozenset({"pair", "TF_data"})
