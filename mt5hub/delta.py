@@ -52,7 +52,7 @@ has these names at its top level, so a frame's body is its other fields."""
 
 _TOP_SKIP = IGNORED | {"data"}
 _ROW_SKIP = frozenset({"pair", "TF_data"})
-COLOR = "cell_color"
+_COLOR = "cell_color"
 _DICT, _STR, _TWO = frozenset({dict}), frozenset({str}), frozenset({2})
 _PAIR_ONLY = frozenset({"pair"})
 
@@ -150,13 +150,13 @@ def _tfs(cells: list[Json]) -> list[str] | None:
     if not (
         set(map(type, cells)) <= _DICT
         and set(map(len, cells)) <= _TWO
-        and all(map(operator.contains, cells, repeat(COLOR)))
+        and all(map(operator.contains, cells, repeat(_COLOR)))
     ):
         return None
     firsts: list[str] = list(map(next, map(iter, cells)))  # the timeframe comes first, usually
-    if COLOR not in firsts:
+    if _COLOR not in firsts:
         return firsts
-    return [next(name for name in cell if name != COLOR) for cell in cells]
+    return [next(name for name in cell if name != _COLOR) for cell in cells]
 
 
 _ListPatch = tuple[dict[str, Json], list[Json], list[str], list[str] | None]
@@ -166,15 +166,21 @@ def _list_patch(
     old: Json,
     new: Json,
     names_of: Callable[[list[Json]], list[str] | None],
-    item_patch: Callable[[Json, Json], Json],
+    item_patch: Callable[[Json, Json], Json] | None,
 ) -> _ListPatch | None:
     """(changed, added, removed, new order or None) of two lists of named items; None when the
-    names do not tell the items apart. `item_patch(a, b)` is falsy for items that are the same."""
+    names do not tell the items apart. `item_patch(a, b)` is falsy for items that are the same;
+    without it, an item that is not `==` is sent whole."""
     if type(old) is not list or type(new) is not list:
         return None
     old_names, new_names = names_of(old), names_of(new)
     if old_names is None or new_names is None:
         return None
+    if old_names == new_names and item_patch is None:  # the common case, kept short
+        if len(set(new_names)) != len(new):
+            return None
+        same = zip(new_names, old, new, strict=True)
+        return {name: b for name, a, b in same if a != b}, [], [], None
     held = dict(zip(old_names, old, strict=True))
     names = set(new_names)
     if len(held) != len(old) or len(names) != len(new):
@@ -183,9 +189,14 @@ def _list_patch(
     added: list[Json] = []
     for name, item in zip(new_names, new, strict=True):
         if name in held:
-            patch = item_patch(held[name], item)
-            if patch:
-                changed[name] = patch
+            was = held[name]
+            if item_patch is None:
+                if was != item:
+                    changed[name] = item
+            else:
+                patch = item_patch(was, item)
+                if patch:
+                    changed[name] = patch
         else:
             added.append(item)
     kept = [name for name in old_names if name in names]
@@ -207,7 +218,7 @@ def _row_patch(old: Doc, new: Doc) -> Doc:
     ):  # `==` alone for cells, the hot path: the hub let only numbers and strings in there
         return {}
     patch: Doc = {}
-    cells = _list_patch(old.get("TF_data"), new.get("TF_data"), _tfs, _cell_patch)
+    cells = _list_patch(old.get("TF_data"), new.get("TF_data"), _tfs, None)  # cells sent whole
     if cells is None:
         _fields(old, new, _PAIR_ONLY, patch)  # `TF_data` whole, if it changed
         return patch
@@ -219,11 +230,6 @@ def _row_patch(old: Doc, new: Doc) -> Doc:
         patch["cells"] = changed
     _order(patch, removed, order)
     return patch
-
-
-def _cell_patch(old: Doc, new: Doc) -> Doc | None:
-    """A changed cell is sent whole."""
-    return None if old == new else new
 
 
 # -- apply --------------------------------------------------------------------------------------

@@ -165,10 +165,11 @@ def test_a_patch_whose_base_the_viewer_does_not_hold_is_counted_as_an_error() ->
     assert held.take(json.loads(patch_frame(first, second))) == second
 
 
-def test_the_change_option_is_a_fraction() -> None:
+def test_the_change_option_is_a_fraction(capsys: pytest.CaptureFixture[str]) -> None:
     for wrong in ("0", "1.5", "-0.1"):
         with pytest.raises(SystemExit):
             fake_dll.main(["demo", "--change", wrong])
+        assert "a fraction in (0, 1]" in capsys.readouterr().err
 
 
 def test_signal_tables_move_the_fraction_of_cells_asked_and_keep_the_rest() -> None:
