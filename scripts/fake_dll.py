@@ -174,7 +174,8 @@ class HeldTables:
     """What a --delta viewer holds: each table's latest update, kept up by the hub's frames.
 
     A `snapshot` replaces everything held (a `partial` one adds or replaces only its tables), an
-    `update` replaces its table, and a `patch` is applied to its table with mt5hub.delta.apply.
+    `update` replaces its table, a `patch` is applied to its table with mt5hub.delta.apply, and
+    `unsubscribed` drops the tables it names.
     The hub sends a patch only to a viewer that holds its `base`: one whose base is not the seq
     held is a protocol error, counted in `patch_errors` (the table is left as it was).
     """
@@ -206,6 +207,9 @@ class HeldTables:
             new["seq"], new["ts"] = message["seq"], message["ts"]
             self.tables[table] = new
             return new
+        if kind == "unsubscribed":
+            for gone in message["tables"]:
+                self.tables.pop((gone["key"], gone["src"]), None)
         return None
 
 

@@ -147,6 +147,8 @@ def test_a_delta_viewer_keeps_each_table_from_snapshots_updates_and_patches() ->
     partial = {"type": "snapshot", "partial": True, "tables": [entry("EA3", 7, "AUDUSD")]}
     held.take(partial)  # a subscription: added to what is held
     assert set(held.tables) == {("EA1", "S"), ("EA2", "S"), ("EA3", "S")}
+    held.take({"type": "unsubscribed", "tables": [{"key": "EA2", "src": "S"}]})
+    assert set(held.tables) == {("EA1", "S"), ("EA3", "S")}
     held.take({"type": "snapshot", "ts": 2, "tables": [entry("EA3", 8)]})  # a new connection's
     assert set(held.tables) == {("EA3", "S")} and held.tables["EA3", "S"]["seq"] == 8
     assert held.take({"type": "presence", "key": "EA3", "src": "S", "online": False}) is None
