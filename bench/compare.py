@@ -147,7 +147,8 @@ def run_one(
     log = workdir / "server.log"
     load_args = argparse.Namespace(**vars(args))
     load_args.viewers, load_args.stalled = viewers, stalled
-    command = bb.load_command(load_args, port) + (["--deflate"] if args.deflate else [])
+    command = [*bb.load_command(load_args, port), "--change", str(args.change)]
+    command += ["--deflate"] if args.deflate else []
     health_port = None
     if scheme == "wss":
         health_port = free_port() if server != "baseline" else None
@@ -308,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--deflate", action="store_true", help="viewers offer permessage-deflate")
+    parser.add_argument(
+        "--change", default="0.1", help="fraction of the cells a publish moves (fake_dll --change)"
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and server logs")
     parser.add_argument(

@@ -14,6 +14,12 @@ the load tester measures the hub rather than its own JSON parser; several viewer
 (`--procs`) spread the clients' cost. The load test is bounded in time and count and talks to
 loopback addresses only. `--deflate` makes viewers offer permessage-deflate like browsers do.
 Against a server without /healthz and /metrics (bench/seed_fastapi.py) the hub figures are null.
+
+Each publish moves `--change` of its table's cells (default 0.1, about what a strength EA shows
+between two publishes; 1 moves them all). `--delta` viewers ask for protocol v1.1 patches
+(`/ws?delta=1`): they parse every frame and hold every table as a dashboard does (so they cost
+more CPU than the default viewers), count a patch whose `base` they do not hold as a patch error,
+and the report gives message bytes per delivery for full updates and patches.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import CLOSED, OPEN, Event
 from websockets.uri import parse_uri
 
+from mt5hub import delta
 from mt5hub.testing.tables import PAIRS, SignalTable
 
 MAX_SECONDS = 600
@@ -87,7 +94,7 @@ async def publisher(
 ) -> None:
     """One EA: connect, publish `rate` tables a second until stop_at, reconnect when dropped."""
     key, src = table_id(n)
-    table = SignalTable(rng, PAIRS[: args.pairs])
+    table = SignalTable(rng, PAIRS[: args.pairs], change=args.change)
     headers = [(b"Authorization", f"Bearer {args.token}".encode())]
     context = client_ssl(args.url, args.ca, args.insecure)
     period = 1.0 / args.rate
@@ -140,19 +147,70 @@ async def _answer_hub(ws: Any, counts: dict[str, int]) -> None:
 class ViewerStats:
     def __init__(self) -> None:
         self.latencies = array("d")  # seconds, updates received after the warm-up
-        self.updates = 0
+        self.updates = 0  # deliveries of a table's new state: update frames and patch frames
+        self.patches = 0  # of which patch frames (--delta)
+        self.patch_errors = 0  # patches whose base was not the seq held: the hub's bug
         self.gaps = 0  # updates a viewer never saw (seq jumped): conflated for it by the hub
         self.closed = 0
         self.frames = 0
         self.freshness = array("d")  # seconds, one per (healthy viewer, table)
+        # Message bytes (after inflating) by frame type, of the deliveries counted above.
+        self.delivered_bytes = {"update": 0, "patch": 0}
 
     def merge(self, other: ViewerStats) -> None:
         self.latencies.extend(other.latencies)
         self.updates += other.updates
+        self.patches += other.patches
+        self.patch_errors += other.patch_errors
         self.gaps += other.gaps
         self.closed += other.closed
         self.frames += other.frames
         self.freshness.extend(other.freshness)
+        for kind, size in other.delivered_bytes.items():
+            self.delivered_bytes[kind] += size
+
+
+class HeldTables:
+    """What a --delta viewer holds: each table's latest update, kept up by the hub's frames.
+
+    A `snapshot` replaces everything held (a `partial` one adds or replaces only its tables), an
+    `update` replaces its table, a `patch` is applied to its table with mt5hub.delta.apply, and
+    `unsubscribed` drops the tables it names.
+    The hub sends a patch only to a viewer that holds its `base`: one whose base is not the seq
+    held is a protocol error, counted in `patch_errors` (the table is left as it was).
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[str, str], dict[str, Any]] = {}
+        self.patch_errors = 0
+
+    def take(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Take one frame from the hub; the table's new update if it brought one."""
+        kind = message.get("type")
+        if kind == "snapshot":
+            if not message.get("partial"):
+                self.tables.clear()
+            for entry in message["tables"]:
+                self.tables[entry["key"], entry["src"]] = entry
+            return None
+        if kind == "update":
+            self.tables[message["key"], message["src"]] = message
+            return message
+        if kind == "patch":
+            table = message["key"], message["src"]
+            held = self.tables.get(table)
+            if held is None or held.get("seq") != message.get("base"):
+                self.patch_errors += 1
+                return None
+            body = {name: v for name, v in message.items() if name not in delta.HEADER}
+            new = delta.apply(held, body)
+            new["seq"], new["ts"] = message["seq"], message["ts"]
+            self.tables[table] = new
+            return new
+        if kind == "unsubscribed":
+            for gone in message["tables"]:
+                self.tables.pop((gone["key"], gone["src"]), None)
+        return None
 
 
 class ViewerSocket:
@@ -171,6 +229,7 @@ class ViewerSocket:
         self.stream = stream
         self.protocol = protocol
         self.parts: list[bytes] = []
+        self.size = 0  # bytes of the message `messages()` gave last (inflated, if compressed)
         self.pending: list[Event] = []  # frames that came in with the handshake's answer
 
     @classmethod
@@ -230,9 +289,10 @@ class ViewerSocket:
             if frame.opcode is Opcode.TEXT or frame.opcode is Opcode.CONT:
                 self.parts.append(frame.data)
                 if frame.fin:
-                    text = b"".join(self.parts).decode()
+                    data = b"".join(self.parts)
                     self.parts.clear()
-                    yield text
+                    self.size = len(data)
+                    yield data.decode()
 
     async def send_text(self, text: str) -> None:
         self.protocol.send_text(text.encode())
@@ -261,14 +321,42 @@ async def viewer(
 ) -> None:
     """A dashboard: reads every frame (or, stalled, connects and never reads).
 
-    Updates arriving within `window` (wall clock) are measured; it leaves a second after.
+    Updates arriving within `window` (wall clock) are measured; it leaves a second after. With
+    `fresh.delta` it asks for patches (`/ws?delta=1`), parses every frame and holds every table
+    (HeldTables), as a dashboard must; otherwise it reads only an update's head and tail.
     """
     measure_from, measure_until = window
     stop_at = trio.current_time() + (measure_until + 1 - time.time())
     seqs: dict[tuple[str, str], int] = {}
     newest: dict[tuple[str, str], float] = {}  # the newest `sent` held, arrived by measure_until
+    held = HeldTables() if fresh.delta else None
+
+    def deliver(
+        table: tuple[str, str], number: int, sent: float | None, arrived: float, kind: str
+    ) -> None:
+        last = seqs.get(table)
+        seqs[table] = number
+        if sent is not None and arrived < measure_until:
+            newest[table] = max(newest.get(table, 0.0), sent)
+        if not measure_from <= arrived < measure_until:
+            return
+        stats.updates += 1
+        stats.patches += kind == "patch"
+        stats.delivered_bytes[kind] += ws.size
+        if last is not None and number > last + 1:
+            stats.gaps += number - last - 1
+        if sent is not None:
+            stats.latencies.append(arrived - sent)
+
+    def hold(entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            seqs[entry["key"], entry["src"]] = entry["seq"]
+            if isinstance(entry.get("sent"), int | float):
+                newest[entry["key"], entry["src"]] = float(entry["sent"])
+
     async with connecting:  # a few handshakes at a time: the listen backlog is short
-        ws = await ViewerSocket.connect(url + "/ws", context, rcvbuf, fresh.deflate)
+        path = "/ws?delta=1" if fresh.delta else "/ws"
+        ws = await ViewerSocket.connect(url + path, context, rcvbuf, fresh.deflate)
     try:
         if stalled:
             await trio.sleep_until(stop_at)
@@ -277,30 +365,31 @@ async def viewer(
             async for text in ws.messages():
                 stats.frames += 1
                 head = text[:200]
-                if head.startswith('{"type":"update"'):
+                if held is not None:
                     arrived = time.time()
-                    table = KEY_SRC.search(head)
+                    message = json.loads(text)
+                    state = held.take(message)
+                    if state is not None:
+                        sent = state.get("sent")
+                        sent = float(sent) if isinstance(sent, int | float) else None
+                        table = state["key"], state["src"]
+                        deliver(table, state["seq"], sent, arrived, message["type"])
+                    elif message.get("type") == "snapshot":
+                        hold(message["tables"])
+                    elif message.get("type") == "ping":
+                        await ws.send_text('{"type":"pong"}')
+                elif head.startswith('{"type":"update"'):
+                    arrived = time.time()
+                    found = KEY_SRC.search(head)
                     seq = SEQ.search(text, len(text) - 40)
-                    sent = SENT.search(text)
-                    if table is None or seq is None:
+                    sent_at = SENT.search(text)
+                    if found is None or seq is None:
                         continue
-                    number, key = int(seq.group(1)), (table.group(1), table.group(2))
-                    last = seqs.get(key)
-                    seqs[key] = number
-                    if sent is not None and arrived < measure_until:
-                        newest[key] = max(newest.get(key, 0.0), float(sent.group(1)))
-                    if not measure_from <= arrived < measure_until:
-                        continue
-                    stats.updates += 1
-                    if last is not None and number > last + 1:
-                        stats.gaps += number - last - 1
-                    if sent is not None:
-                        stats.latencies.append(arrived - float(sent.group(1)))
+                    number, table = int(seq.group(1)), (found.group(1), found.group(2))
+                    at = None if sent_at is None else float(sent_at.group(1))
+                    deliver(table, number, at, arrived, "update")
                 elif head.startswith('{"type":"snapshot"'):
-                    for entry in json.loads(text)["tables"]:
-                        seqs[entry["key"], entry["src"]] = entry["seq"]
-                        if isinstance(entry.get("sent"), int | float):
-                            newest[entry["key"], entry["src"]] = float(entry["sent"])
+                    hold(json.loads(text)["tables"])
                 elif head.startswith('{"type":"ping"'):
                     await ws.send_text('{"type":"pong"}')
             stats.closed += 1  # the hub ended it before the run did
@@ -308,17 +397,21 @@ async def viewer(
         stats.closed += 1
     finally:
         if not stalled:  # holding nothing for a table: as old as the whole run
-            for held in fresh.tables:
-                stats.freshness.append(measure_until - newest.get(held, fresh.since))
+            for table in fresh.tables:
+                stats.freshness.append(measure_until - newest.get(table, fresh.since))
+        if held is not None:
+            stats.patch_errors += held.patch_errors
         await ws.aclose()
 
 
 class Freshness(NamedTuple):
-    """What viewers need to report freshness (and whether they offer permessage-deflate)."""
+    """What viewers need to report freshness (and whether they offer permessage-deflate and
+    ask for deltas)."""
 
     tables: tuple[tuple[str, str], ...]  # every table published during the run
     since: float  # when publishing started (wall clock): the age of a table never received
     deflate: bool
+    delta: bool = False
 
 
 async def viewer_group(
@@ -411,7 +504,8 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     stalled = [args.stalled // procs + (i < args.stalled % procs) for i in range(procs)]
     start = time.time() + CONNECT_TIME  # publishers start then, all viewers connected by then
     window = (start + args.warmup, start + args.warmup + args.seconds)
-    fresh = Freshness(tuple(table_id(n) for n in range(args.publishers)), start, args.deflate)
+    tables = tuple(table_id(n) for n in range(args.publishers))
+    fresh = Freshness(tables, start, args.deflate, args.delta)
     with concurrent.futures.ProcessPoolExecutor(procs) as pool:
         futures = [
             pool.submit(
@@ -454,6 +548,14 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
             name: round(1000 * percentile(ages, q), 1)
             for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
         },
+        "patches_delivered": stats.patches,  # of updates_delivered (--delta)
+        "patch_errors": stats.patch_errors,  # a patch whose base the viewer did not hold
+        # Message bytes per delivery (inflated, if compressed): full updates, patches, all.
+        "bytes_per_delivery": {
+            "update": per(stats.delivered_bytes["update"], stats.updates - stats.patches),
+            "patch": per(stats.delivered_bytes["patch"], stats.patches),
+            "all": per(sum(stats.delivered_bytes.values()), stats.updates),
+        },
         "seq_gaps": stats.gaps,
         "viewers_closed": stats.closed,
         "hub_conflated": delta.get("mt5hub_conflated_total", 0),
@@ -470,7 +572,13 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         "publisher_reconnects": counts["reconnects"],
         "publishers_cut_off": counts["cut_off"],  # still sending when the run's bound hit
         "deflate": args.deflate,
+        "delta": args.delta,
+        "change": args.change,
     }
+
+
+def per(total: int, count: int) -> float | None:
+    return round(total / count, 1) if count else None
 
 
 async def publish_for(args: argparse.Namespace, seconds: float) -> dict[str, int]:
@@ -510,12 +618,17 @@ def print_report(r: dict[str, Any]) -> None:
         f"  (age of the newest state held at the end)\n"
         f"  in the hub ms   mean {r['hub_mean_latency_ms']}  (from a publish read to its update "
         f"written, of the latency above)\n"
+        f"  bytes/delivery  {r['bytes_per_delivery']['all']}  (full updates "
+        f"{r['bytes_per_delivery']['update']}, patches {r['bytes_per_delivery']['patch']}: "
+        f"{r['patches_delivered']} patches, {r['patch_errors']} patch errors)\n"
         f"  conflated       {r['seq_gaps']} seen as seq gaps; hub counted {r['hub_conflated']:g} "
         f"conflated, {r['hub_dropped']:g} dropped; {r['viewers_closed']} viewers closed\n"
         f"  hub RSS MB      {r['hub_rss_mb']['before']} -> {r['hub_rss_mb']['after']}\n"
         f"  publishers      {r['publisher_errors']} error frames, "
         f"{r['publisher_reconnects']} reconnects, {r['publishers_cut_off']} cut off"
         + (", viewers offered permessage-deflate" if r["deflate"] else "")
+        + (", viewers asked for deltas" if r["delta"] else "")
+        + f"; {r['change']:g} of the cells change per publish"
     )
 
 
@@ -530,6 +643,13 @@ def wait_for_hub(args: argparse.Namespace, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"no hub answered at {base} within {timeout:g} s") from None
             time.sleep(0.2)
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1], not {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -554,6 +674,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--deflate", action="store_true", help="viewers offer permessage-deflate (like browsers)"
+    )
+    parser.add_argument(
+        "--delta", action="store_true", help="viewers ask for patches (/ws?delta=1) and apply them"
+    )
+    parser.add_argument(
+        "--change",
+        type=fraction,
+        default=0.1,
+        help="fraction of the cells that move per publish (1: all)",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -8,7 +8,7 @@ colours it; its rows are the seed's JSON (`pair`, `TF_data`, `sum`, `sum_cell_co
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 PAIRS = (
@@ -36,21 +36,41 @@ def colour(value: float, strong: float = 60.0, weak: float = 20.0) -> str:
 
 
 class SignalTable:
-    """A random walk per pair and timeframe that looks like an EA's signal table."""
+    """A random walk per pair and timeframe that looks like an EA's signal table.
 
-    def __init__(self, rng: random.Random, pairs: Sequence[str] = PAIRS) -> None:
+    Each step moves `change` of the cells (at least one, chosen afresh each step) and leaves the
+    rest exactly as they were, as an EA's table changes between two publishes: 0.1 is about
+    what a strength EA on a live market shows; 1.0 moves every cell.
+    """
+
+    def __init__(
+        self, rng: random.Random, pairs: Sequence[str] = PAIRS, change: float = 1.0
+    ) -> None:
+        if not 0.0 < change <= 1.0:
+            raise ValueError(f"change must be in (0, 1], not {change}")
         self.rng = rng
         self.values = {(p, tf): rng.uniform(-80, 80) for p in pairs for tf in TFS}
         self.pairs = pairs
+        self.change = change
+        self._cells = list(self.values)
 
-    def step(self) -> list[dict[str, Any]]:
-        """Move every cell a little; the table's rows as the EA would publish them."""
+    def step(self, change: float | None = None) -> list[dict[str, Any]]:
+        """Move `change` (by default the table's) of the cells a little; the table's rows as the
+        EA would publish them."""
+        fraction = self.change if change is None else change
+        if fraction >= 1.0:
+            moving: Iterable[tuple[str, str]] = self._cells
+        else:
+            count = max(1, round(fraction * len(self._cells)))
+            moving = self.rng.sample(self._cells, count)
+        for cell in moving:
+            v = self.values[cell] + self.rng.gauss(0, 4)
+            self.values[cell] = max(-100.0, min(100.0, v))
         rows = []
         for pair in self.pairs:
             cells = []
             for tf in TFS:
-                v = self.values[pair, tf] + self.rng.gauss(0, 4)
-                v = self.values[pair, tf] = max(-100.0, min(100.0, v))
+                v = self.values[pair, tf]
                 cells.append({tf: round(v, 1), "cell_color": colour(v)})
             total = round(sum(self.values[pair, tf] for tf in TFS) / len(TFS), 1)
             rows.append(
