@@ -69,6 +69,8 @@ from mt5hub.testing.launcher import (  # noqa: E402
 )
 
 SERVERS = ("baseline", "before", "mt5hub")  # before: mt5hub from --before's checkout
+# What the viewers ask for (protocol v1.1): every table whole (v1), patches, or one table each
+VIEWING = {"all": [], "delta": ["--delta"], "one": ["--subscribe", "one"]}
 BEFORE: list[str] = []  # the checkout of `before`, set by main
 LOAD_SLACK = 60.0  # fake_dll's own bounds, then this much, before it is killed
 
@@ -140,7 +142,13 @@ def start_server(
 
 
 def run_one(
-    server: str, scheme: str, viewers: int, stalled: int, args: argparse.Namespace, workdir: Path
+    server: str,
+    scheme: str,
+    viewers: int,
+    stalled: int,
+    args: argparse.Namespace,
+    workdir: Path,
+    viewing: str = "all",
 ) -> dict[str, Any]:
     """One server, one load: start it, measure it, stop it."""
     port = free_port()
@@ -149,6 +157,7 @@ def run_one(
     load_args.viewers, load_args.stalled = viewers, stalled
     command = [*bb.load_command(load_args, port), "--change", str(args.change)]
     command += ["--deflate"] if args.deflate else []
+    command += VIEWING[viewing]
     health_port = None
     if scheme == "wss":
         health_port = free_port() if server != "baseline" else None
@@ -195,6 +204,7 @@ def run_one(
         return {
             "server": server,
             "scheme": scheme,
+            "viewing": viewing,
             "viewers": viewers,
             "stalled": stalled,
             "load": json.loads(out.strip().splitlines()[-1]),
@@ -241,7 +251,8 @@ def table(results: Sequence[dict[str, Any]]) -> str:
     head = (
         "| viewers (stalled) | server | updates delivered | deliveries/s (expected) "
         "| latency p50 ms | p99 ms | max ms | freshness p50 ms | p99 ms "
-        "| RSS MB before->after (peak) | CPU s (rest of machine) | CPU us/delivery |"
+        "| RSS MB before->after (peak) | CPU s (rest of machine) | CPU us/delivery "
+        "| wire B/delivery |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
@@ -249,8 +260,12 @@ def table(results: Sequence[dict[str, Any]]) -> str:
         groups.setdefault((result["viewers"], result["stalled"]), []).append(result)
     for (viewers, stalled), group in groups.items():
         label = f"{viewers} ({stalled})"
-        for r in sorted(group, key=lambda r: (SERVERS.index(r["server"]), r.get("scheme", "ws"))):
+        for r in sorted(
+            group,
+            key=lambda r: (SERVERS.index(r["server"]), r.get("scheme", "ws"), r.get("viewing")),
+        ):
             name = r["server"] + (" wss" if r.get("scheme") == "wss" else "")
+            name += f" {r['viewing']}" if r.get("viewing", "all") != "all" else ""
             if "error" in r:
                 rows.append(f"| {label} | {name} | failed: {r['error'][:120]} |")
                 continue
@@ -262,7 +277,8 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                 f"| {number(lat['p50'])} | {number(lat['p99'])} | {number(lat['max'])} "
                 f"| {number(fresh['p50'])} | {number(fresh['p99'])} "
                 f"| {rss['before']:g} -> {rss['after']:g} ({rss['peak']:g}) "
-                f"| {r['cpu_s']:g} ({r['other_cpu_s']:g}) | {number(cpu_per_delivery_us(r))} |"
+                f"| {r['cpu_s']:g} ({r['other_cpu_s']:g}) | {number(cpu_per_delivery_us(r))} "
+                f"| {number(x.get('bytes_per_delivery', {}).get('wire'))} |"
             )
         for scheme in ("ws", "wss"):
             by_server = {
@@ -270,6 +286,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                 for r in group
                 if r.get("scheme", "ws") == scheme and "error" not in r
             }
+            by_server = {s: r for s, r in by_server.items() if r.get("viewing", "all") == "all"}
             base, hub = by_server.get("baseline"), by_server.get("mt5hub")
             if base and hub:
                 b, h = base["load"], hub["load"]
@@ -285,7 +302,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                         f"| {ratio(b['freshness_ms'][q], h['freshness_ms'][q])} "
                         for q in ("p50", "p99")
                     )
-                    + f"| {ratio(base['rss_mb']['after'], hub['rss_mb']['after'])} | | |"
+                    + f"| {ratio(base['rss_mb']['after'], hub['rss_mb']['after'])} | | | |"
                 )
     return "\n".join(rows)
 
@@ -322,10 +339,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the `before` server is its mt5hub, for interleaved before/after pairs",
     )  # fmt: skip
     parser.add_argument("--schemes", default="ws", help="ws and/or wss (TLS), comma-separated")
+    parser.add_argument(
+        "--viewing", default="all", help="what mt5hub's viewers ask for, comma-separated: all "
+        "(every table whole), delta (patches, /ws?delta=1), one (one table each, /ws?keys=)",
+    )  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds of each pair")
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
     schemes = [s for s in args.schemes.split(",") if s]
+    viewings = [v for v in args.viewing.split(",") if v]
+    if not set(viewings) <= set(VIEWING):
+        parser.error(f"--viewing takes {', '.join(VIEWING)}")
     if not set(servers) <= set(SERVERS) or not set(schemes) <= {"ws", "wss"}:
         parser.error(f"--servers takes {', '.join(SERVERS)}; --schemes takes ws, wss")
     if ("before" in servers) != bool(args.before):
@@ -346,24 +370,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for share in shares:
                     stalled = round(viewers * share / 100)
                     runs = [
-                        (n, sv, sc) for n in range(args.repeat) for sv in servers for sc in schemes
+                        (n, sv, sc, vw)
+                        for n in range(args.repeat)
+                        for sv in servers
+                        for sc in schemes
+                        for vw in (viewings if sv != "baseline" else ["all"])
                     ]
-                    for n, server, scheme in runs:
-                        workdir = root / f"{server}-{scheme}-{viewers}-{stalled}-{n}"
+                    for n, server, scheme, viewing in runs:
+                        workdir = root / f"{server}-{scheme}-{viewing}-{viewers}-{stalled}-{n}"
                         workdir.mkdir()
                         print(
                             f"== {server} over {scheme}: {args.publishers} x {args.rate:g}/s -> "
                             f"{viewers} viewers ({stalled} stalled), {args.seconds:g} s"
-                            + (", deflate" if args.deflate else ""),
+                            + (", deflate" if args.deflate else "")
+                            + (f", viewing {viewing}" if viewing != "all" else ""),
                             file=sys.stderr,
                             flush=True,
                         )
                         try:
-                            result = run_one(server, scheme, viewers, stalled, args, workdir)
+                            result = run_one(
+                                server, scheme, viewers, stalled, args, workdir, viewing
+                            )
                         except (RuntimeError, OSError, ValueError) as exc:
                             result = {
                                 "server": server,
                                 "scheme": scheme,
+                                "viewing": viewing,
                                 "viewers": viewers,
                                 "stalled": stalled,
                                 "error": str(exc),

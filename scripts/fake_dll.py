@@ -19,7 +19,9 @@ Each publish moves `--change` of its table's cells (default 0.1, about what a st
 between two publishes; 1 moves them all). `--delta` viewers ask for protocol v1.1 patches
 (`/ws?delta=1`): they parse every frame and hold every table as a dashboard does (so they cost
 more CPU than the default viewers), count a patch whose `base` they do not hold as a patch error,
-and the report gives message bytes per delivery for full updates and patches.
+and the report gives message bytes per delivery for full updates and patches, and the bytes
+read off the socket per delivery (compressed, in TLS records: what went over the wire).
+`--subscribe one` makes viewer n subscribe to table n % publishers only (`/ws?keys=`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import urllib.request
 from array import array
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
@@ -156,6 +158,7 @@ class ViewerStats:
         self.freshness = array("d")  # seconds, one per (healthy viewer, table)
         # Message bytes (after inflating) by frame type, of the deliveries counted above.
         self.delivered_bytes = {"update": 0, "patch": 0}
+        self.wire_bytes = 0  # bytes read off the socket for those deliveries (compressed, TLS)
 
     def merge(self, other: ViewerStats) -> None:
         self.latencies.extend(other.latencies)
@@ -168,6 +171,7 @@ class ViewerStats:
         self.freshness.extend(other.freshness)
         for kind, size in other.delivered_bytes.items():
             self.delivered_bytes[kind] += size
+        self.wire_bytes += other.wire_bytes
 
 
 class HeldTables:
@@ -230,6 +234,10 @@ class ViewerSocket:
         self.protocol = protocol
         self.parts: list[bytes] = []
         self.size = 0  # bytes of the message `messages()` gave last (inflated, if compressed)
+        # Bytes read off the socket since the message before (a read may bring several: summed
+        # over many messages, what they took on the wire, compressed and in TLS records).
+        self.wire = 0
+        self._read = 0
         self.pending: list[Event] = []  # frames that came in with the handshake's answer
 
     @classmethod
@@ -278,6 +286,7 @@ class ViewerSocket:
             if self.protocol.state is CLOSED or self.protocol.close_expected():
                 return
             data = await self.stream.receive_some(RECEIVE_BYTES)
+            self._read += len(data)
             if data:
                 self.protocol.receive_data(data)
             else:
@@ -292,6 +301,7 @@ class ViewerSocket:
                     data = b"".join(self.parts)
                     self.parts.clear()
                     self.size = len(data)
+                    self.wire, self._read = self._read, 0
                     yield data.decode()
 
     async def send_text(self, text: str) -> None:
@@ -318,6 +328,7 @@ async def viewer(
     stalled: bool,
     rcvbuf: int,
     fresh: Freshness,
+    number: int = 0,
 ) -> None:
     """A dashboard: reads every frame (or, stalled, connects and never reads).
 
@@ -343,6 +354,7 @@ async def viewer(
         stats.updates += 1
         stats.patches += kind == "patch"
         stats.delivered_bytes[kind] += ws.size
+        stats.wire_bytes += ws.wire
         if last is not None and number > last + 1:
             stats.gaps += number - last - 1
         if sent is not None:
@@ -355,7 +367,12 @@ async def viewer(
                 newest[entry["key"], entry["src"]] = float(entry["sent"])
 
     async with connecting:  # a few handshakes at a time: the listen backlog is short
-        path = "/ws?delta=1" if fresh.delta else "/ws"
+        query = ["delta=1"] if fresh.delta else []
+        tables = fresh.tables
+        if fresh.one_table:
+            tables = (fresh.tables[number % len(fresh.tables)],)
+            query.append(f"keys={quote(tables[0][0])}")
+        path = "/ws?" + "&".join(query) if query else "/ws"
         ws = await ViewerSocket.connect(url + path, context, rcvbuf, fresh.deflate)
     try:
         if stalled:
@@ -397,7 +414,7 @@ async def viewer(
         stats.closed += 1
     finally:
         if not stalled:  # holding nothing for a table: as old as the whole run
-            for table in fresh.tables:
+            for table in tables:
                 stats.freshness.append(measure_until - newest.get(table, fresh.since))
         if held is not None:
             stats.patch_errors += held.patch_errors
@@ -412,6 +429,7 @@ class Freshness(NamedTuple):
     since: float  # when publishing started (wall clock): the age of a table never received
     deflate: bool
     delta: bool = False
+    one_table: bool = False  # viewer n subscribes to table n % publishers only (?keys=)
 
 
 async def viewer_group(
@@ -423,15 +441,26 @@ async def viewer_group(
     window: tuple[float, float],
     rcvbuf: int,
     fresh: Freshness,
+    first: int = 0,
 ) -> ViewerStats:
-    """`count` viewers in this process, of which `stalled` never read."""
+    """`count` viewers in this process, of which `stalled` never read (numbered from
+    `first`)."""
     stats = ViewerStats()
     context = client_ssl(url, ca, insecure)
     connecting = trio.Semaphore(32)
     async with trio.open_nursery() as nursery:
         for n in range(count):
             nursery.start_soon(
-                viewer, url, context, connecting, window, stats, n < stalled, rcvbuf, fresh
+                viewer,
+                url,
+                context,
+                connecting,
+                window,
+                stats,
+                n < stalled,
+                rcvbuf,
+                fresh,
+                first + n,
             )
     return stats
 
@@ -505,14 +534,15 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time() + CONNECT_TIME  # publishers start then, all viewers connected by then
     window = (start + args.warmup, start + args.warmup + args.seconds)
     tables = tuple(table_id(n) for n in range(args.publishers))
-    fresh = Freshness(tables, start, args.deflate, args.delta)
+    fresh = Freshness(tables, start, args.deflate, args.delta, args.subscribe == "one")
     with concurrent.futures.ProcessPoolExecutor(procs) as pool:
         futures = [
             pool.submit(
                 run_viewer_group,
                 *(args.url, args.ca, args.insecure, share, stall, window, args.rcvbuf, fresh),
+                sum(shares[:n]),
             )
-            for share, stall in zip(shares, stalled, strict=True)
+            for n, (share, stall) in enumerate(zip(shares, stalled, strict=True))
         ]
         time.sleep(max(0.0, start - time.time()))
         connected = scrape(base, context)[0].get("viewers", 0) - health_before.get("viewers", 0)
@@ -536,7 +566,10 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         "stalled": args.stalled,
         "seconds": args.seconds,
         "published_per_s": round(counts["published"] / (args.warmup + args.seconds), 1),
-        "expected_deliveries_per_s": args.publishers * args.rate * healthy,
+        "expected_deliveries_per_s": args.publishers
+        * args.rate
+        * healthy
+        / (args.publishers if args.subscribe == "one" else 1),
         "deliveries_per_s": round(stats.updates / args.seconds, 1),
         "updates_delivered": stats.updates,
         "latency_ms": {
@@ -555,6 +588,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
             "update": per(stats.delivered_bytes["update"], stats.updates - stats.patches),
             "patch": per(stats.delivered_bytes["patch"], stats.patches),
             "all": per(sum(stats.delivered_bytes.values()), stats.updates),
+            "wire": per(stats.wire_bytes, stats.updates),
         },
         "seq_gaps": stats.gaps,
         "viewers_closed": stats.closed,
@@ -678,6 +712,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--delta", action="store_true", help="viewers ask for patches (/ws?delta=1) and apply them"
     )
+    parser.add_argument(
+        "--subscribe", choices=("all", "one"), default="all",
+        help="what each viewer subscribes to: every table, or one (viewer n: n %% publishers)",
+    )  # fmt: skip
     parser.add_argument(
         "--change",
         type=fraction,
