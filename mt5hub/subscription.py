@@ -75,7 +75,21 @@ def query_selectors(keys: str | None, src: str | None) -> list[Selector] | None:
 
 
 def message_selectors(message: dict[str, Any]) -> list[Selector]:
-    """The selectors of a subscribe or unsubscribe message: `keys` and `src`, lists of patterns."""
+    """The selectors of a subscribe or unsubscribe message: `keys` and `src`, lists of patterns
+    (every combination; one left out means any), and/or `tables`, a list of `{"key","src"}`
+    (each one a selector: a dashboard hiding some panels names them in one message)."""
+    chosen: list[Selector] = []
+    tables = message.get("tables")
+    if tables is not None:
+        if not isinstance(tables, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("src"), str)
+            for t in tables
+        ):
+            raise ProtocolError("schema", 'tables: expected a list of {"key": ..., "src": ...}')
+        for t in tables:
+            _check_pattern(t["key"])
+            _check_pattern(t["src"])
+        chosen = [Selector(t["key"], t["src"]) for t in tables]
     lists = []
     for field in ("keys", "src"):
         value = message.get(field)
@@ -85,7 +99,9 @@ def message_selectors(message: dict[str, Any]) -> list[Selector]:
             for pattern in value:
                 _check_pattern(pattern)
         lists.append(value)
-    return selectors(*lists)
+    if tables is None or lists != [None, None]:
+        chosen += selectors(*lists)
+    return chosen
 
 
 def _check_pattern(pattern: str) -> None:

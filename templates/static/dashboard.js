@@ -6,6 +6,7 @@
 
 import { parseColor } from './colors.js';
 import { startFeed, viewerUrl } from './feed.js';
+import { applyPatch } from './patch.js';
 
 // The column after the timeframes (`sum`, `sum_cell_color`). Timeframe names are A-Z a-z 0-9 _
 // only, so this key cannot clash with one.
@@ -18,7 +19,7 @@ const STORE = { hidden: 'mt5hub.hiddenPanels', filter: 'mt5hub.filter', stale: '
 
 // ---- state ----------------------------------------------------------------------------------
 
-const tables = new Map(); // id -> {id, key, src, clientId, seq, online, seenAt, rows, tfs, decimals}
+const tables = new Map(); // id -> {id, key, src, clientId, seq, online, seenAt, rows, tfs, decimals, doc}
 const views = new Map(); // id -> the DOM of that table's panel (see createView)
 const dirty = new Set(); // ids whose panel must be patched at the next frame
 let layoutChanged = false; // tables came or went: re-sort panels, rebuild the panel menu
@@ -27,7 +28,9 @@ let filterText = '';
 let hiddenPanels = new Set();
 let staleMs = DEFAULT_STALE_S * 1000;
 let conn = { state: 'connecting' };
-const stats = { messages: 0, updates: 0, renders: 0, snapshots: 0, pings: 0 };
+const stats = { messages: 0, updates: 0, patches: 0, renders: 0, snapshots: 0, pings: 0, resyncs: 0 };
+let feed = null; // feed.js's handle: send subscribe/unsubscribe, restart after a bad patch
+const PATCH_HEADER = new Set(['type', 'key', 'src', 'seq', 'base', 'ts']);
 let rate = { since: Date.now(), updates: 0 };
 
 const $ = (id) => document.getElementById(id);
@@ -102,6 +105,7 @@ function applyTable(msg, seenAt) {
     tables.set(id, t);
     layoutChanged = true;
   }
+  t.doc = msg; // the update as the hub holds it: what the next patch applies to
   t.clientId = typeof msg.clientId === 'string' ? msg.clientId : '';
   t.seq = msg.seq;
   t.online = msg.online !== false; // an update means a live publisher just sent it
@@ -124,9 +128,13 @@ function onMessage(msg) {
   const now = Date.now();
   switch (msg.type) {
     case 'snapshot':
-      // A new connection: the snapshot is the whole truth, whatever we showed before.
+      // A new connection: the snapshot is the whole truth, whatever we showed before. A
+      // partial one answers a subscribe: it adds the tables we asked for.
       stats.snapshots += 1;
-      tables.clear();
+      if (!msg.partial) {
+        tables.clear();
+        unsubscribeHidden(); // the hidden panels' tables: not sent from now on
+      }
       layoutChanged = true;
       for (const t of Array.isArray(msg.tables) ? msg.tables : []) {
         if (t !== null && typeof t === 'object') {
@@ -140,6 +148,25 @@ function onMessage(msg) {
       stats.updates += 1;
       rate.updates += 1;
       applyTable(msg, now);
+      break;
+    case 'patch': {
+      // Only what changed since update `base`, which the hub sends only when we hold it.
+      const t = tables.get(tableId(msg.key, msg.src));
+      if (!t || !t.doc || t.seq !== msg.base) {
+        stats.resyncs += 1; // cannot happen with a correct hub: start again from a snapshot
+        feed?.restart();
+        return;
+      }
+      const body = Object.fromEntries(Object.entries(msg).filter(([name]) => !PATCH_HEADER.has(name)));
+      stats.patches += 1;
+      rate.updates += 1;
+      applyTable({ ...applyPatch(t.doc, body), type: 'update', seq: msg.seq, ts: msg.ts }, now);
+      break;
+    }
+    case 'unsubscribed': // the tables of panels we hid: nothing more of them comes
+      for (const gone of Array.isArray(msg.tables) ? msg.tables : []) {
+        if (tables.delete(tableId(gone.key, gone.src))) layoutChanged = true;
+      }
       break;
     case 'presence': {
       const t = tables.get(tableId(msg.key, msg.src));
@@ -212,11 +239,42 @@ function placePanels() {
     if (view.section !== wanted) container.insertBefore(view.section, wanted); // moves only those out of place
     previous = view.section;
   }
-  buildPanelMenu(sorted);
+  buildPanelMenu(menuTables());
 }
 
 function sortedTables() {
   return [...tables.values()].sort((a, b) => a.key.localeCompare(b.key) || a.src.localeCompare(b.src));
+}
+
+/** Every table the panel menu offers: those we hold, and those hidden (the hub sends us
+ * nothing of those, but the menu must still offer to show them again). */
+function menuTables() {
+  const all = new Map(tables);
+  for (const id of hiddenPanels) {
+    if (all.has(id)) continue;
+    try {
+      const [key, src] = JSON.parse(id);
+      if (typeof key === 'string' && typeof src === 'string') all.set(id, { id, key, src });
+    } catch {
+      // an id stored by some other version of the page: not ours to show
+    }
+  }
+  return [...all.values()].sort((a, b) => a.key.localeCompare(b.key) || a.src.localeCompare(b.src));
+}
+
+/** Hidden panels are unsubscribed (protocol v1.1), so the hub spends nothing on them. */
+function unsubscribeHidden() {
+  const hidden = [...hiddenPanels].map((id) => menuEntry(id)).filter(Boolean);
+  if (hidden.length) feed?.send({ type: 'unsubscribe', tables: hidden });
+}
+
+function menuEntry(id) {
+  try {
+    const [key, src] = JSON.parse(id);
+    return typeof key === 'string' && typeof src === 'string' ? { key, src } : null;
+  } catch {
+    return null;
+  }
 }
 
 function createView(t) {
@@ -444,6 +502,8 @@ function buildPanelMenu(sorted) {
       if (box.checked) hiddenPanels.delete(t.id);
       else hiddenPanels.add(t.id);
       save(STORE.hidden, JSON.stringify([...hiddenPanels]));
+      const entry = { key: t.key, src: t.src };
+      feed?.send({ type: box.checked ? 'subscribe' : 'unsubscribe', tables: [entry] });
       refilterAll();
     });
     label.append(box, `${t.key} · ${t.src}`); // a string argument becomes a text node
@@ -489,9 +549,11 @@ function setupControls() {
     if (event.key === 'Escape') menu.open = false;
   });
   $('show-all').addEventListener('click', () => {
+    const shown = [...hiddenPanels].map((id) => menuEntry(id)).filter(Boolean);
     hiddenPanels.clear();
     save(STORE.hidden, '[]');
-    buildPanelMenu(sortedTables());
+    if (shown.length) feed?.send({ type: 'subscribe', tables: shown });
+    buildPanelMenu(menuTables());
     refilterAll();
   });
   // ?stale=N in the URL wins (handy for a wall screen, and for tests); the box is remembered.
@@ -553,7 +615,7 @@ function tick() {
 setupControls();
 setInterval(tick, 500);
 setInterval(sweepHighlights, 200);
-startFeed({
+feed = startFeed({
   url: viewerUrl(),
   onMessage,
   onPing: () => {

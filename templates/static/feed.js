@@ -13,15 +13,22 @@ const CONNECT_TIMEOUT_MS = 15_000;
 // between pings, in case a hub is configured with a longer interval.
 const MIN_SILENCE_MS = 45_000;
 
-/** The /ws URL next to this page: ws:// for an http page, wss:// for https, ?token= passed on. */
+/**
+ * The /ws URL next to this page: ws:// for an http page, wss:// for https. The page's ?token=,
+ * ?keys= and ?src= are passed on (a bookmark of `/?keys=EA1,EA2` opens one strategy's screen),
+ * and it asks for patches (protocol v1.1 deltas: only what changed).
+ */
 export function viewerUrl(pageHref = location.href) {
   const page = new URL(pageHref);
   const url = new URL('ws', page); // relative: works behind a proxy that adds a path prefix
   url.protocol = page.protocol === 'https:' ? 'wss:' : 'ws:';
   url.search = '';
   url.hash = '';
-  const token = page.searchParams.get('token');
-  if (token) url.searchParams.set('token', token);
+  for (const name of ['token', 'keys', 'src']) {
+    const value = page.searchParams.get(name);
+    if (value) url.searchParams.set(name, value);
+  }
+  url.searchParams.set('delta', '1');
   return url.href;
 }
 
@@ -29,6 +36,8 @@ export function viewerUrl(pageHref = location.href) {
  * Connect and stay connected.
  * @param {{url: string, onMessage: (msg: object) => void, onPing?: () => void,
  *          onState: (s: {state: 'connecting'|'live'|'reconnecting', retryAt?: number}) => void}} opts
+ * @returns {{send: (msg: object) => boolean, restart: () => void}} send a message on the live
+ *          connection (false if there is none), or drop it and connect again at once
  */
 export function startFeed({ url, onMessage, onState, onPing = () => {} }) {
   let socket = null;
@@ -122,4 +131,21 @@ export function startFeed({ url, onMessage, onState, onPing = () => {} }) {
   document.addEventListener('visibilitychange', retryNow);
   setInterval(watchdog, 5_000);
   connect();
+
+  return {
+    send(msg) {
+      if (!socket || socket.readyState !== WebSocket.OPEN) return false;
+      socket.send(JSON.stringify(msg));
+      return true;
+    },
+    restart() {
+      const ws = socket;
+      if (!ws) return;
+      lost(ws);
+      ws.close();
+      clearTimeout(retryTimer);
+      attempt = 0;
+      connect(); // the snapshot makes the page whole again
+    },
+  };
 }
