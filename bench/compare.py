@@ -27,7 +27,12 @@ meanwhile besides the load generator: a busy neighbour shows there).
 load generator trusts; mt5hub's TLS bind offers HTTP/1.1 only, as hub.toml ships; the baseline
 runs uvicorn with --ssl-certfile), `--repeat N` interleaves N rounds of every (server, scheme) pair
 so that a drift of the machine shows as spread, not as a difference. The hub CPU per delivery
-column divides the server's CPU seconds by the updates it delivered.
+column divides the server's CPU seconds by the updates it delivered; the window columns count only
+the CPU used within fake_dll's measured window (sampled every 0.2 s), without the viewers'
+handshakes and snapshots before it and their closes after, which weigh on a light load.
+`--viewing all,delta,one` runs mt5hub's viewers as v1 viewers of every table, as delta viewers
+(protocol v1.1 patches), or each subscribed to one table; the wire column is the bytes the
+viewers read off their sockets per delivery.
 
 The table ends each (viewers, stalled) group with a ratio row: mt5hub/baseline for updates
 delivered and deliveries/s, baseline/mt5hub for latency, freshness and RSS after: above 1, mt5hub
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -48,6 +54,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -141,6 +148,33 @@ def start_server(
     return spawn(command, cwd=cwd, env=env, log=workdir / "server.log")
 
 
+class CpuTrace(threading.Thread):
+    """The server tree's CPU seconds, sampled every `period`: what it used within the load's
+    measured window (without the viewers' handshakes before it and their goodbyes after)."""
+
+    def __init__(self, pid: int, period: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.period = pid, period
+        self.samples: list[tuple[float, float]] = []  # (wall clock, CPU seconds)
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.period):
+            with contextlib.suppress(OSError, ValueError):
+                self.samples.append((time.time(), bb.tree_cpu(self.pid)))
+
+    def at(self, when: float) -> float | None:
+        """CPU seconds at this time, between the samples around it."""
+        for (t0, c0), (t1, c1) in itertools.pairwise(self.samples):
+            if t0 <= when <= t1:
+                return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c0
+        return None
+
+    def within(self, window: Sequence[float]) -> float | None:
+        start, end = self.at(window[0]), self.at(window[1])
+        return None if start is None or end is None else end - start
+
+
 def run_one(
     server: str,
     scheme: str,
@@ -183,6 +217,8 @@ def run_one(
             proc.pid, health_port or port
         )  # peak RSS (its /healthz polls fail quietly here)
         sampler.start()
+        trace = CpuTrace(proc.pid)
+        trace.start()
         reaped_before, (busy_before, _) = bb.children_cpu(), bb.system_busy()
         started = time.monotonic()
         load = spawn(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -197,17 +233,21 @@ def run_one(
         other_cpu = bb.system_busy()[0] - busy_before - cpu - loadgen_cpu  # e.g. a neighbour
         sampler.halt.set()
         sampler.join()
+        trace.halt.set()
+        trace.join()
         time.sleep(1.0)  # the viewers' sockets are closed: let the server let go of them
         rss_after = bb.tree_rss(proc.pid)
         if load.returncode != 0:
             raise RuntimeError(f"fake_dll load exited with {load.returncode}: {err.strip()}")
+        result = json.loads(out.strip().splitlines()[-1])
+        window_cpu = trace.within(result["window"]) if "window" in result else None
         return {
             "server": server,
             "scheme": scheme,
             "viewing": viewing,
             "viewers": viewers,
             "stalled": stalled,
-            "load": json.loads(out.strip().splitlines()[-1]),
+            "load": result,
             "load_stderr": err.strip().splitlines(),
             "rss_mb": {
                 "before": round(rss_before / 2**20, 1),
@@ -215,6 +255,7 @@ def run_one(
                 "after": round(rss_after / 2**20, 1),
             },
             "cpu_s": round(cpu, 2),
+            "window_cpu_s": None if window_cpu is None else round(window_cpu, 3),
             "loadgen_cpu_s": round(loadgen_cpu, 2),
             "other_cpu_s": round(other_cpu, 2),
             "load_wall_s": round(wall, 1),
@@ -247,12 +288,18 @@ def cpu_per_delivery_us(result: dict[str, Any]) -> float | None:
     return round(1e6 * result["cpu_s"] / delivered, 1) if delivered else None
 
 
+def window_cpu_per_delivery_us(result: dict[str, Any]) -> float | None:
+    """The server's CPU within the measured window, per update delivered in it."""
+    delivered, cpu = result["load"]["updates_delivered"], result.get("window_cpu_s")
+    return round(1e6 * cpu / delivered, 1) if delivered and cpu is not None else None
+
+
 def table(results: Sequence[dict[str, Any]]) -> str:
     head = (
         "| viewers (stalled) | server | updates delivered | deliveries/s (expected) "
         "| latency p50 ms | p99 ms | max ms | freshness p50 ms | p99 ms "
         "| RSS MB before->after (peak) | CPU s (rest of machine) | CPU us/delivery "
-        "| wire B/delivery |"
+        "| window: CPU s | us/delivery | wire B/delivery |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
@@ -278,6 +325,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                 f"| {number(fresh['p50'])} | {number(fresh['p99'])} "
                 f"| {rss['before']:g} -> {rss['after']:g} ({rss['peak']:g}) "
                 f"| {r['cpu_s']:g} ({r['other_cpu_s']:g}) | {number(cpu_per_delivery_us(r))} "
+                f"| {number(r.get('window_cpu_s'))} | {number(window_cpu_per_delivery_us(r))} "
                 f"| {number(x.get('bytes_per_delivery', {}).get('wire'))} |"
             )
         for scheme in ("ws", "wss"):
@@ -302,7 +350,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                         f"| {ratio(b['freshness_ms'][q], h['freshness_ms'][q])} "
                         for q in ("p50", "p99")
                     )
-                    + f"| {ratio(base['rss_mb']['after'], hub['rss_mb']['after'])} | | | |"
+                    + f"| {ratio(base['rss_mb']['after'], hub['rss_mb']['after'])} | | | | | |"
                 )
     return "\n".join(rows)
 

@@ -582,6 +582,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         "viewers": args.viewers,
         "stalled": args.stalled,
         "seconds": args.seconds,
+        "window": [round(t, 3) for t in window],  # the measured window (wall clock, epoch s)
         "published_per_s": round(counts["published"] / (args.warmup + args.seconds), 1),
         "expected_deliveries_per_s": args.publishers
         * args.rate

@@ -24,6 +24,11 @@ HELD = """() => Object.fromEntries([...window.mt5hub.tables].map(([id, t]) => [i
     {seq: t.seq, clientId: t.doc.clientId, data: t.doc.data}]))"""
 
 
+def ea2(value: float) -> dict[str, Any]:
+    """EA2's table: one row, one timeframe, at this value."""
+    return table("EA2", "M5", "EA2_1", [row("GBPJPY", (value, "clrGreen"), M5=(value, "clrGreen"))])
+
+
 def held(page: Page) -> dict[str, Any]:
     return page.evaluate(HELD)  # type: ignore[no-any-return]
 
@@ -74,9 +79,8 @@ def test_the_dashboard_ends_equal_to_a_full_reload_after_patches_and_a_reconnect
     expect(again.locator("section.panel")).to_have_count(2)
     assert held(page) == held(again)
     assert page.evaluate("window.mt5hub.stats.resyncs") == 0
-    expect(cell(panel(page, "EA1", "H1"), "EURUSD", "M1")).to_have_text(
-        f"{held(again)['[\"EA1\",\"H1\"]']['data'][0]['TF_data'][0]['M1']:.1f}"
-    )
+    first_cell = held(again)['["EA1","H1"]']["data"][0]["TF_data"][0]["M1"]
+    expect(cell(panel(page, "EA1", "H1"), "EURUSD", "M1")).to_have_text(f"{first_cell:.1f}")
 
 
 def test_a_bookmark_with_keys_opens_one_strategys_screen(
@@ -84,12 +88,12 @@ def test_a_bookmark_with_keys_opens_one_strategys_screen(
 ) -> None:
     publisher = publishers(hub)
     publisher.publish(EURUSD_H1)
-    publisher.publish(table("EA2", "M5", "EA2_1", [row("GBPJPY", (1, "clrGreen"), M5=(1, "clrGreen"))]))
+    publisher.publish(ea2(1))
     page = new_page()
     page.goto(f"{hub.http_url}/?keys=EA1")
     expect(panel(page, "EA1", "EURUSD_PERIOD_H1")).to_be_visible()
     expect(page.locator("section.panel")).to_have_count(1)
-    publisher.publish(table("EA2", "M5", "EA2_1", [row("GBPJPY", (2, "clrGreen"), M5=(2, "clrGreen"))]))
+    publisher.publish(ea2(2))
     publisher.publish(EURUSD_H1)  # after EA2's: once the page has it, EA2's was not sent
     page.wait_for_function(
         "() => [...window.mt5hub.tables.values()].some((t) => t.key === 'EA1' && t.seq === 2)"
@@ -103,18 +107,17 @@ def test_a_hidden_panel_is_unsubscribed_and_comes_back_with_its_latest_state(
 ) -> None:
     publisher = publishers(hub)
     publisher.publish(EURUSD_H1)
-    other = table("EA2", "M5", "EA2_1", [row("GBPJPY", (1, "clrGreen"), M5=(1, "clrGreen"))])
-    publisher.publish(other)
+    publisher.publish(ea2(1))
     page = new_page()
     page.goto(hub.http_url)
-    ea2 = panel(page, "EA2", "M5")
-    expect(ea2).to_be_visible()
+    ea2_panel = panel(page, "EA2", "M5")
+    expect(ea2_panel).to_be_visible()
     page.locator("#panel-menu summary").click()
     page.get_by_label("EA2 · M5").uncheck()
-    expect(ea2).to_have_count(0)  # dropped once the hub said it sends it no more
+    expect(ea2_panel).to_have_count(0)  # dropped once the hub said it sends it no more
     page.wait_for_function("() => window.mt5hub.tables.size === 1")
 
-    publisher.publish(table("EA2", "M5", "EA2_1", [row("GBPJPY", (7, "clrGreen"), M5=(7, "clrGreen"))]))
+    publisher.publish(ea2(7))
     publisher.publish(EURUSD_H1)
     page.wait_for_function(
         "() => [...window.mt5hub.tables.values()].some((t) => t.key === 'EA1' && t.seq === 2)"
@@ -126,4 +129,4 @@ def test_a_hidden_panel_is_unsubscribed_and_comes_back_with_its_latest_state(
     page.wait_for_function("() => window.mt5hub.tables.size === 1")
     page.locator("#panel-menu summary").click()
     page.get_by_label("EA2 · M5").check()
-    expect(cell(ea2, "GBPJPY", "M5")).to_have_text("7")  # its latest state, at once
+    expect(cell(ea2_panel, "GBPJPY", "M5")).to_have_text("7")  # its latest state, at once
