@@ -161,7 +161,7 @@ class CpuTrace(threading.Thread):
     def run(self) -> None:
         while not self.halt.wait(self.period):
             with contextlib.suppress(OSError, ValueError):
-                self.samples.append((time.time(), bb.tree_cpu(self.pid)))
+                self.samples.append((time.time(), sum(bb.tree_cpu(self.pid).values())))
 
     def at(self, when: float) -> float | None:
         """CPU seconds at this time, between the samples around it."""

@@ -204,7 +204,7 @@ def test_snapshot_renders_tables_in_market_order(
     page.goto(hub.http_url if scheme == "ws" else hub.https_url)
 
     expect(page.locator("#conn")).to_have_attribute("data-state", "live")
-    assert sockets[0].startswith(f"{scheme}://") and sockets[0].endswith("/ws")
+    assert sockets[0].startswith(f"{scheme}://") and sockets[0].endswith("/ws?delta=1")
     expect(page.locator("#table-count")).to_have_text("1")
     section = panel(page, "EA1", "EURUSD_PERIOD_H1")
     expect(section.locator("thead th")).to_have_text(
@@ -439,7 +439,7 @@ def test_answers_hub_pings_and_ignores_unknown_messages(
         ws.on_message(lambda message: (pongs.append(message), server.send(message)))
         routes.append(ws)
 
-    page.route_web_socket(re.compile(r"/ws$"), through)
+    page.route_web_socket(re.compile(r"/ws(\?delta=1)?$"), through)
     page.goto(hub.http_url)
     section = panel(page, "EA1", "EURUSD_PERIOD_H1")
     expect(cell(section, "EURUSD", "H1")).to_have_text("0.40")
