@@ -41,6 +41,7 @@ class Delivery:
         self.hub, self.subscription, self.delta = hub, subscription, delta
         self.held: dict[TableId, int] = {}
         self._changes = RateLimiter(CHANGE_RATE, CHANGE_BURST, flood_seconds)
+        self._all = subscription.everything  # (asked once per change, not per frame)
 
     def change(self, viewer: Subscriber, request: dict[str, Any]) -> Frame:
         """A `subscribe` or `unsubscribe` from the peer: the frame that acknowledges it (the
@@ -53,6 +54,7 @@ class Delivery:
         if subscribe and (beyond := self.subscription.forbidden(chosen)):
             raise forbidden(beyond)
         self.subscription.change(subscribe, chosen)
+        self._all = self.subscription.everything
         snapshot, removed = self.hub.resubscribe(viewer, self.subscription)
         for table in removed:
             self.held.pop(table, None)
@@ -64,7 +66,7 @@ class Delivery:
     def prepare(self, frames: Sequence[Frame]) -> tuple[list[Frame], dict[TableId, int]]:
         """What to write for these frames, and what the peer then holds (for `held`, once the
         write is under way)."""
-        held, wants = self.held, self.subscription.wants
+        held, wants = self.held, None if self._all else self.subscription.wants
         after: dict[TableId, int] = {}
         out: list[Frame] = []
         for frame in frames:
@@ -77,7 +79,7 @@ class Delivery:
                 assert frame.seqs is not None
                 after.update(frame.seqs)
             elif table is not None:
-                if not wants(table):
+                if wants is not None and not wants(table):
                     continue  # queued before the peer unsubscribed
                 if frame.seq:  # an update
                     had = after.get(table, held.get(table))

@@ -18,7 +18,9 @@ A body (every key optional; an unchanged table gives `{}`)::
 A rowpatch has the same shape one level down::
 
     set / unset                 the row's fields besides `pair` and `TF_data` (`sum`, extras)
-    cells:   {tf: cell}         cells changed or added, whole (`{"M5": 1.3, "cell_color": ...}`)
+    cells:   {tf: value}        cells whose value changed and colour did not: the new value
+             {tf: [value, colour]}  cells new, or whose colour changed: `{tf: value,
+                                "cell_color": colour}` (a cell is exactly those two names)
     removed: [tf]               cells that are gone
     order:   [tf]               every timeframe, in the new order; same rule as rows' `order`
 
@@ -224,12 +226,22 @@ def _row_patch(old: Doc, new: Doc) -> Doc:
         return patch
     _fields(old, new, _ROW_SKIP, patch)
     changed, added, removed, order = cells
-    if added:
-        changed.update(zip(cast(list[str], _tfs(added)), added, strict=True))
-    if changed:
-        patch["cells"] = changed
+    if changed or added:
+        held = dict(zip(cast(list[str], _tfs(old["TF_data"])), old["TF_data"], strict=True))
+        compact = {tf: _cell_patch(tf, cell, held[tf]) for tf, cell in changed.items()}
+        for tf, cell in zip(cast(list[str], _tfs(added)), added, strict=True):
+            compact[tf] = [cell[tf], cell[_COLOR]]
+        patch["cells"] = compact
     _order(patch, removed, order)
     return patch
+
+
+def _cell_patch(tf: str, cell: Doc, was: Doc) -> Json:
+    """A changed cell: its value alone when only that changed (a number), else value and colour."""
+    value, colour = cell[tf], cell[_COLOR]
+    if type(value) in (int, float) and _same(colour, was[_COLOR]):
+        return value
+    return [value, colour]
 
 
 # -- apply --------------------------------------------------------------------------------------
@@ -248,7 +260,11 @@ def _apply_row(row: Doc, patch: Doc) -> Doc:
         cells: list[Doc] = row["TF_data"]
         names = cast(list[str], _tfs(cells))
         by_tf = dict(zip(names, cells, strict=True))
-        by_tf.update(patch.get("cells", ()))
+        for tf, change in patch.get("cells", {}).items():
+            if type(change) is list:
+                by_tf[tf] = {tf: change[0], _COLOR: change[1]}
+            else:
+                by_tf[tf] = {tf: change, _COLOR: by_tf[tf][_COLOR]}
         new["TF_data"] = _reorder(by_tf, names, patch)
     return new
 

@@ -87,12 +87,17 @@ def test_seq_ts_type_and_online_are_never_in_a_body() -> None:
     assert round_trip(TABLE, new) == {}
 
 
-def test_a_changed_cell_is_sent_alone() -> None:
+def test_a_changed_cell_is_sent_alone_as_its_value_and_colour() -> None:
     new = copy.deepcopy(TABLE)
     new["data"][1]["TF_data"][1] = {"H1": 2.1, "cell_color": "clrLimeGreen"}
-    assert round_trip(TABLE, new) == {
-        "rows": {"GBPUSD": {"cells": {"H1": {"H1": 2.1, "cell_color": "clrLimeGreen"}}}}
-    }
+    assert round_trip(TABLE, new) == {"rows": {"GBPUSD": {"cells": {"H1": [2.1, "clrLimeGreen"]}}}}
+
+
+def test_a_cell_whose_colour_stayed_is_sent_as_its_value_alone() -> None:
+    new = copy.deepcopy(TABLE)
+    colour = new["data"][1]["TF_data"][1]["cell_color"]
+    new["data"][1]["TF_data"][1] = {"H1": 2.5, "cell_color": colour}
+    assert round_trip(TABLE, new) == {"rows": {"GBPUSD": {"cells": {"H1": 2.5}}}}
 
 
 def test_changed_row_fields_are_set_and_removed_ones_unset() -> None:
@@ -129,7 +134,7 @@ def test_timeframes_added_removed_and_reordered_are_sent_as_rows_are() -> None:
     old = update([row("EURUSD", ("M1", 1.0), ("M5", 2.0), ("H1", 3.0))])
     new = update([row("EURUSD", ("H1", 3.0), ("M1", 1.0), ("D1", 4.0))])
     assert round_trip(old, new) == {
-        "rows": {"EURUSD": {"cells": {"D1": {"D1": 4.0, "cell_color": "clrGreen"}},
+        "rows": {"EURUSD": {"cells": {"D1": [4.0, "clrGreen"]},
                             "removed": ["M5"], "order": ["H1", "M1", "D1"]}}
     }  # fmt: skip
 

@@ -39,7 +39,11 @@ function applyRow(row, patch) {
   if (['cells', 'removed', 'order'].some((name) => hasOwn(patch, name))) {
     const names = row.TF_data.map(timeframe);
     const byTf = new Map(names.map((name, i) => [name, row.TF_data[i]]));
-    for (const [name, cell] of Object.entries(patch.cells ?? {})) byTf.set(name, cell);
+    for (const [name, change] of Object.entries(patch.cells ?? {})) {
+      // [value, colour] for a new cell or a new colour; a value alone keeps the cell's colour
+      const [value, colour] = Array.isArray(change) ? change : [change, byTf.get(name).cell_color];
+      byTf.set(name, Object.fromEntries([[name, value], ['cell_color', colour]]));
+    }
     result.TF_data = reorder(byTf, names, patch);
   }
   return result;
