@@ -64,11 +64,8 @@ frame_slot = operator.attrgetter("slot")  # what a frame may replace in a confla
 class Subscriber(Protocol):
     """Where the hub offers every frame a viewer must see (a ViewerSession, or an Inbox)."""
 
-    def offer(self, frame: Frame, express: bool = True) -> bool:
-        """Take this frame without waiting; True if it replaced an unsent one of its slot.
-
-        `express=False`: frames that arrive together, to go out in one write.
-        """
+    def offer(self, frame: Frame) -> bool:
+        """Take this frame without waiting; True if it replaced an unsent one of its slot."""
         ...
 
 
@@ -85,7 +82,7 @@ class Inbox:
         self._dropped = metrics.dropped.labels(role)
         self._conflated = metrics.conflated
 
-    def offer(self, frame: Frame, express: bool = True) -> bool:
+    def offer(self, frame: Frame) -> bool:
         try:
             return self.send.send_nowait(frame)
         except trio.WouldBlock:
@@ -267,7 +264,7 @@ class Fanout:
             if entry is None or frame.table in entry[1]:
                 changed.append(frame)
         conflated = 0  # frames still waiting from before it left, replaced now
-        for frame in reversed(changed):  # to go out together, in one write
-            conflated += viewer.offer(frame, express=False)
+        for frame in reversed(changed):
+            conflated += viewer.offer(frame)
         if conflated:
             self.metrics.conflated.inc(conflated)

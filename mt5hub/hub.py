@@ -217,7 +217,7 @@ class Hub:
         else:
             count = self.fanout.count
             snapshot = self.snapshots.of(t for t in self.tables if subscription.wants(t))
-        subscriber.offer(snapshot, express=False)
+        subscriber.offer(snapshot)
         with self.fanout.subscribed(subscriber, count, subscription):
             yield subscriber
 

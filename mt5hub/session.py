@@ -64,10 +64,6 @@ class Transport(Protocol):
         and the transport can; True if it did. May block (uncancellably) while the peer reads
         nothing."""
 
-    def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
-        """Like `send`, but at once, without waiting, and only if the socket surely takes it
-        all; False (and nothing written) otherwise."""
-
     async def close(self, code: int, reason: str) -> None: ...
 
     async def drain(self) -> None:

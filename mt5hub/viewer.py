@@ -1,8 +1,7 @@
 """A viewer's connection (a dashboard on /ws): the snapshot, then every update, at its pace.
 
 The hub offers each frame to `ViewerSession.offer`, from the task that applied it (a publisher's):
-a viewer that keeps up and whose writer is idle gets it written at once (`Transport.send_now`),
-any other keeps it in its inbox, a conflating channel, for its writer. The writer sends what
+the viewer keeps it in its inbox, a conflating channel, for its writer. The writer sends what
 waits in one write, ending with a WebSocket ping when one is due (mt5hub.flow); while the peer
 is behind in its reading the writer waits for the answer, and the hub leaves it out of the
 fan-out meanwhile (`Hub.away`), then hands it the latest of each table that changed.
@@ -16,12 +15,11 @@ import trio
 
 from .config import Settings
 from .delivery import Delivery, error_frame, forbidden
-from .errors import HubError
 from .fanout import Frame, Inbox
 from .flow import FlowControl
 from .hub import Hub
 from .models import parse_json
-from .session import Session, Transport, log
+from .session import Session, Transport
 from .subscription import Subscription
 
 WRITE_BATCH_BYTES = 1024 * 1024  # a writer sends what is pending, up to this much, in one go
@@ -53,7 +51,6 @@ class ViewerSession(Session):
             self.delivery = Delivery(hub, self.subscription, delta, settings.flood_seconds)
         self.flow = FlowControl(settings.viewer_lag, settings.viewer_lag_interval)
         self._answers = trio.lowlevel.ParkingLot()  # the writer waits here while behind
-        self._holding = False  # the writer has taken frames it has not written yet
 
     async def run(self) -> None:
         with self.hub.viewer(self, self.subscription):
@@ -63,47 +60,10 @@ class ViewerSession(Session):
 
     # -- from the hub (a publisher's task) --------------------------------------------------------
 
-    def offer(self, frame: Frame, express: bool = True) -> bool:
-        """Take this frame without waiting; True if it replaced an unsent one of its slot.
-
-        Written at once when nothing is waiting or being written before it, the peer is not
-        behind, and the socket takes it whole: then a prompt viewer costs the fan-out one write,
-        not a wake-up and a turn of its writer task. Otherwise it waits in the outbox.
-        """
-        if express and self._idle() and self._write_now(frame):
-            return False
+    def offer(self, frame: Frame) -> bool:
+        """Take this frame without waiting (into the outbox, for the writer); True if it
+        replaced an unsent one of its slot."""
         return self.outbox.offer(frame)
-
-    def _idle(self) -> bool:
-        return (
-            not self._holding
-            and self.sending_since is None
-            and self.error is None
-            and not len(self.outbox.receive)
-            and not self.flow.behind(trio.current_time())
-        )
-
-    def _write_now(self, frame: Frame) -> bool:
-        now = trio.current_time()
-        ping = self.flow.ping_due(now)
-        frames: Sequence[Frame] = (frame,)
-        if (delivery := self.delivery) is not None:
-            frames, after = delivery.prepare(frames)
-            if not frames:
-                return True  # the peer holds it already
-        try:
-            if not self.transport.send_now(frames, ping):
-                return False
-            if delivery is not None:
-                delivery.held.update(after)
-        except Exception as exc:  # our bug: this viewer ends, the publisher's task carries on
-            log.exception("%s %s: internal error", self.role, self.peer)
-            self.fail(HubError(repr(exc)))
-            return True
-        if ping is not None:
-            self.flow.ping_sent(now)
-        self.sent_out(frames)
-        return True
 
     # -- from the peer ----------------------------------------------------------------------------
 
@@ -135,13 +95,10 @@ class ViewerSession(Session):
         receive = self.outbox.receive
         while True:
             await self._until_prompt()
-            # Taken with nothing in between and the write: a frame offered meanwhile could
-            # otherwise be written at once, ahead of an older one of its table.
-            if len(receive):
+            if len(receive):  # without a turn of the scheduler: it is our turn already
                 first = receive.receive_nowait()
             else:
-                first = await receive.receive()  # woken for it: no other task runs before us
-            self._holding = True
+                first = await receive.receive()
             batch = self.outbox.take_batch([first], WRITE_BATCH_BYTES)
             while self.flow.behind(trio.current_time()):  # the ping grew old while idle
                 await self._until_prompt()
@@ -150,16 +107,12 @@ class ViewerSession(Session):
                 batch, after = delivery.prepare(batch)
                 delivery.held.update(after)  # before the write: if it fails, the connection ends
                 if not batch:
-                    self._holding = False
                     continue
             now = trio.current_time()
             ping = self.flow.ping_due(now)
             if ping is not None:  # counted before the write: the pong may come back first
                 self.flow.ping_sent(now)
-            try:
-                pinged = await self.send(batch, ping)
-            finally:
-                self._holding = False
+            pinged = await self.send(batch, ping)
             if ping is not None and not pinged:  # the transport cannot ping (ASGI, tests)
                 self.flow.cannot_ping()
 

@@ -44,7 +44,7 @@ class PromptViewer:
     def __init__(self, hub: Hub) -> None:
         self.taken: list[dict[str, Any]] = []
 
-    def offer(self, frame: Frame, express: bool = True) -> bool:
+    def offer(self, frame: Frame) -> bool:
         self.taken.append(json.loads(frame.text))
         return False
 

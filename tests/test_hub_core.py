@@ -47,7 +47,6 @@ class MemoryTransport:
         self.peer_closed = False
         self.server_stops = trio.Event()
         self.drained: list[str | bytes] = []
-        self.sent_now = 0  # frames written at once, by the publisher's task (send_now)
         self.progress_at = trio.current_time()  # when the peer last took a frame
 
     async def serve(self, peer: Peer) -> None:
@@ -65,17 +64,6 @@ class MemoryTransport:
             except trio.ClosedResourceError:
                 pass  # aborted under us: the frames are lost, as on a reset socket
         return False  # no pings: flow control is tested on real sockets
-
-    def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
-        """Like a socket with room: a frame is taken at once while the peer's buffer has room."""
-        if len(frames) != 1 or ping is not None:
-            return False
-        try:
-            self._to_peer.send_nowait(frames[0].text)
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            return False
-        self.sent_now += 1
-        return True
 
     async def close(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)
@@ -417,13 +405,6 @@ class PingingTransport(MemoryTransport):
         self.pings.append(ping)
         return True
 
-    def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
-        if not super().send_now(frames):
-            return False
-        if ping is not None:
-            self.pings.append(ping)
-        return True
-
     def pong(self) -> None:
         assert self._peer is not None
         for ping in self.pings:
@@ -431,7 +412,7 @@ class PingingTransport(MemoryTransport):
         self.pings.clear()
 
 
-async def test_a_prompt_viewer_is_written_to_at_once_and_a_lagging_one_once_per_answer(
+async def test_a_prompt_viewer_is_written_to_as_updates_come_and_a_lagging_one_once_per_answer(
     autojump_clock: MockClock,
 ) -> None:
     lag, interval = 0.05, 0.25
@@ -496,28 +477,6 @@ async def test_viewer_lag_is_0_to_inf_seconds_inf_is_no_flow_control_its_interva
     (tmp_path / "hub.toml").write_text("[mt5hub]\nviewer_lag = inf\n")
     settings = load_config(tmp_path / "hub.toml", environ={}).settings
     assert ViewerSession(Hub(), MemoryTransport(), settings, "viewer").flow.lag is None
-
-
-async def test_an_idle_viewer_is_written_to_by_the_publishers_task_a_busy_one_by_its_own(
-    autojump_clock: MockClock,
-) -> None:
-    async with rig() as r:
-        prompt = await r.viewer(window=1000)  # a socket with room
-        busy = await r.viewer(window=0)  # a socket that takes a frame only as the peer reads
-        for view in (prompt, busy):
-            assert (await view.hear())["type"] == "snapshot"
-        pub = await r.publisher()
-        for n in range(1, 4):
-            await pub.say(publish_frame(key="EA1", value=n))
-            await trio.testing.wait_all_tasks_blocked()
-        # presence, then each update, written as it came (no turn of the viewer's writer)
-        assert [m.get("seq") for m in prompt.heard_so_far()] == [None, 1, 2, 3]
-        assert prompt.sent_now == 4
-        # The busy one's writer is stuck sending what came first (presence and update 1, one
-        # batch); what comes next waits for it, and conflates.
-        assert [(await busy.hear()).get("seq") for _ in range(3)] == [None, 1, 3]
-        assert busy.sent_now == 0
-        assert r.hub.metrics.conflated.value == 1
 
 
 async def test_conflated_viewer_still_ends_with_the_latest_state_of_every_table(

@@ -269,8 +269,8 @@ async def test_a_hub_with_asgi_only_serves_on_hypercorns_public_path(
 
 
 def test_the_hub_serves_where_fcntl_does_not_exist(tmp_path: Path, ca: trustme.CA) -> None:
-    """As on Windows: no fcntl (and so no look at the kernel's send queue): every write goes
-    through the viewer's writer, over WS and WSS."""
+    """As on Windows: no fcntl. The hub needs none (it does not look at the kernel's send
+    queue): it serves over WS and WSS."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text('import sys\nsys.modules["fcntl"] = None\n')

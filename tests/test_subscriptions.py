@@ -97,7 +97,7 @@ class CountingViewer:
     def __init__(self) -> None:
         self.offers = 0
 
-    def offer(self, frame: Frame, express: bool = True) -> bool:
+    def offer(self, frame: Frame) -> bool:
         self.offers += 1
         return False
 

@@ -48,11 +48,6 @@ from ..fanout import Frame
 from ..metrics import Metrics
 from ..session import Peer
 
-try:
-    import fcntl  # Linux (and other Unixes): the kernel's unsent bytes, for send_room
-except ImportError:  # Windows: no writes at once from a publisher's task, the writer does them
-    fcntl = None  # type: ignore[assignment]
-
 log = logging.getLogger("mt5hub")
 
 LINK = "mt5hub.link"  # key of the Link in the ASGI scope
@@ -72,13 +67,6 @@ def direct() -> bool:
 EARLY_FRAMES = 64  # frames kept for a session that has not started yet; more are dropped
 
 
-# Linux: getsockopt's SO_MEMINFO and two of its SK_MEMINFO_ indexes; the ioctl for unsent bytes
-_SO_MEMINFO, _SNDBUF, _WMEM_QUEUED = 55, 3, 5
-_SIOCOUTQNSD = 0x894B
-_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-_INT = bytes(4)
-_SKB_OVERHEAD = 4096  # room kept besides: the kernel's bookkeeping for a new buffer or two
-_TLS_RECORD_OVERHEAD = 64
 _MAX_RECV = (
     2**16
 )  # what Hypercorn reads at once  # at most, per record: header, tag, padding (TLS 1.2 or 1.3)
@@ -129,7 +117,6 @@ class Link:
         self.deflate_bits: int | None = None  # permessage-deflate's window, if negotiated
         self._peer: Peer | None = None
         self._early: list[str | bytes] = []
-        self._unsent_limit: int | None = None  # TCP_NOTSENT_LOWAT (see send_room)
 
     def attach(self, peer: Peer) -> None:
         """From now on `peer` gets every message and pong; what came before, first."""
@@ -175,27 +162,6 @@ class Link:
         if isinstance(stream, trio.SocketStream):
             return stream.socket
         return stream.transport_stream.socket
-
-    def send_room(self, sock: trio.socket.SocketType) -> int:
-        """Bytes a write to this socket surely takes whole at once (0 where it cannot tell).
-
-        The kernel stops taking data when its unsent queue reaches TCP_NOTSENT_LOWAT (trio sets
-        16 KiB on every stream) or the send buffer is full. The buffer (SO_MEMINFO) counts the
-        kernel's overhead too, which with a peer whose window is small is most of it: half of
-        what is free leaves room for the overhead of what is written now.
-        """
-        if fcntl is None:
-            return 0
-        try:
-            if self._unsent_limit is None:
-                limit = sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT)
-                self._unsent_limit = limit or 2**31  # 0: the system's, unlimited by default
-            unsent: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, _INT))[0]
-            info = struct.unpack("9I", sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 36))
-        except OSError:
-            return 0  # not Linux, or closed: the writer will find out
-        free = int(info[_SNDBUF] - info[_WMEM_QUEUED]) // 2 - _SKB_OVERHEAD
-        return min(free, self._unsent_limit - unsent - 1)
 
     def limit_send_buffer(self, size: int) -> None:
         """Cap the kernel's send buffer, a FIFO the hub cannot conflate.
@@ -500,57 +466,6 @@ class QuartTransport:
         finally:
             lock.release()
         return ping is not None
-
-    def send_now(self, frames: Sequence[Frame], ping: bytes | None = None) -> bool:
-        """Write these frames (and ping) at once, without a task switch; False if not written.
-
-        Only on a socket Hypercorn owns (not ASGI), and only what the kernel surely takes whole
-        (`Link.send_room`: its unsent queue and its send buffer): a write cut short could not be
-        finished without waiting. Over TLS, only while the TLS stream has nothing in flight
-        (see `_tls_ready`); its records are then made here. A write cut short anyway is a
-        connection lost (aborted, logged): the viewer reconnects to a snapshot rather than to a
-        frame cut in half.
-        """
-        server = self._link.raw_server()
-        if server is None:
-            return False
-        stream = server.stream
-        tls = not isinstance(stream, trio.SocketStream)  # (quick: see _write_all)
-        sock = stream.transport_stream.socket if tls else stream.socket
-        pieces = self._encode(frames, ping)
-        if len(pieces) != 1:
-            return False  # large: for the writer, a chunk at a time
-        data = pieces[0]
-        # TLS adds a header, a tag and a content type to each record of at most 16 KiB.
-        room = self._link.send_room(sock) - (_TLS_RECORD_OVERHEAD * (len(data) // 16384 + 1))
-        if len(data) > room:
-            return False
-        # Hypercorn's own writes (close frames, pongs) and `send` hold this lock while they
-        # wait. A write that does not wait needs no lock, only that nobody is half-way through
-        # one: trio runs nothing else between this check and the write.
-        if server.send_lock.locked() or (tls and not _tls_ready(stream)):
-            return False
-        try:
-            out = _encrypt(stream, data) if tls else data
-        except ssl.SSLError:  # e.g. a renegotiation asked for: the TLS stream cannot go on
-            self.abort()
-            return True
-        try:
-            sent = os.write(sock.fileno(), out)  # the socket is non-blocking
-        except BlockingIOError:
-            if tls:  # records made and not written: the stream cannot go on without them
-                self.abort()
-                return True
-            return False
-        except OSError:
-            self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
-            return True
-        if sent < len(out):
-            log.warning(
-                "viewer write cut short (%d of %d bytes): connection dropped", sent, len(out)
-            )
-            self.abort()
-        return True
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)
