@@ -451,20 +451,14 @@ class QuartTransport:
                 await self._link.asgi_send({"type": "websocket.send", "text": frame.text})
             return False
         pieces = self._encode(frames, ping)
-        lock = server.send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            # Shielded like Hypercorn's own writes: half a frame would corrupt the stream.
-            # A stuck send is ended by abort(), which closes the socket under it.
-            with trio.CancelScope(shield=True):
-                await _write_all(server.stream, pieces, self._progressed)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
-        finally:
-            lock.release()
+        async with server.send_lock:  # Hypercorn's own writes (pongs, close frames) take it
+            try:
+                # Shielded like Hypercorn's own writes: half a frame would corrupt the stream.
+                # A stuck send is ended by abort(), which closes the socket under it.
+                with trio.CancelScope(shield=True):
+                    await _write_all(server.stream, pieces, self._progressed)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._link.peer_closed = True  # Hypercorn's reader sees it too and ends us
         return ping is not None
 
     async def close(self, code: int, reason: str) -> None:
