@@ -83,7 +83,7 @@ async def test_token_anywhere_but_the_handshake_headers_is_401_and_never_logged(
     [
         ("/ws/dll", TOKEN, text_frame(json.dumps({"token": TOKEN}))),
         ("/ws/dll", None, text_frame(json.dumps({"token": TOKEN}))),
-        # what the hub reads without a parser once a viewer is connected (hardening._lone_pong)
+        # what a viewer sends most once it is connected: an answer to the hub's ping
         ("/ws", None, frame(Opcode.PONG, b"\x00" * 7 + b"\x01")),
     ],
     ids=["valid-token", "no-token", "viewer-pong"],

@@ -369,10 +369,9 @@ async def test_a_viewer_is_sent_no_more_until_it_has_read_what_it_was_sent(
 async def test_an_answer_counts_alone_in_a_read_split_over_two_or_after_a_frame(
     hub_factory: Callable[..., RunningHub],
 ) -> None:
-    """The hub reads a lone pong of its own without its WebSocket parser (the common case, and
-    the cheap one); split across reads, or behind another frame, it goes through the parser.
-    Either way it lets the next write go. A pong of another size is not an answer to the hub's
-    ping."""
+    """An answer to the hub's ping lets the next write go however it arrives: alone in a read,
+    split across reads, or behind another frame. A pong of another size is not an answer to
+    the hub's ping."""
     hub = hub_factory(viewer_lag=0.0)
     async with (
         WsprotoViewer.connect(hub.http_port, deflate=False, answer_pings=False) as view,
@@ -411,32 +410,6 @@ async def test_an_answer_counts_alone_in_a_read_split_over_two_or_after_a_frame(
         text = view.ws.send(Message(data='{"type":"pong"}'))
         await pong(text + view.ws.send(view.pings[0].response()))  # behind a text frame
         assert await next_seq() == 3
-
-
-def test_a_lone_pong_is_read_without_the_parser_only_between_frames() -> None:
-    from types import SimpleNamespace
-
-    from wsproto.connection import Connection
-
-    from mt5hub.server import LINK
-    from mt5hub.server._hardening import _lone_pong
-
-    client = Connection(CLIENT)  # both ends past the handshake: frames only
-    answer = client.send(Ping(b"\x00" * 7 + b"\x05").response())
-    server = Connection(SERVER)
-    stream = SimpleNamespace(closed=False, scope={LINK: object()}, connection=server)
-    assert _lone_pong(stream, answer) == b"\x00" * 7 + b"\x05"  # unmasked
-    assert _lone_pong(stream, answer + answer) is None  # not alone in its read
-    assert _lone_pong(stream, client.send(Pong(b"1234"))) is None  # not one of the hub's
-    server.receive_data(client.send(Message(data="x" * 100))[:10])  # half a frame buffered
-    assert _lone_pong(stream, answer) is None
-    fresh = SimpleNamespace(closed=False, scope={LINK: object()}, connection=Connection(SERVER))
-    assert _lone_pong(fresh, answer) is not None
-    fresh.closed = True  # Hypercorn closed the stream: its own path says what happens
-    assert _lone_pong(fresh, answer) is None
-    assert _lone_pong(SimpleNamespace(closed=False, scope={}, connection=server), answer) is None
-    before_accept = SimpleNamespace(closed=False, scope={LINK: object()})  # no connection yet
-    assert _lone_pong(before_accept, answer) is None
 
 
 async def test_5_publishers_and_20_viewers_all_end_with_the_latest_seq_of_every_table(

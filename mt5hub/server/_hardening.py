@@ -48,8 +48,7 @@ is answered with its close code; a compressed message is inflated at most `max_m
 a time (5); request heads are bounded (6). 1, 3, 4, 5 and 6 are a log line each. The same handler
 also hands each whole message, and each pong, to the connection's Link (`Link.feed`,
 `Link.pong`) at once, instead of through Hypercorn's and Quart's queues (one message per turn of
-the scheduler each). A read that is exactly one answer to the hub's own ping skips wsproto's
-parser (`_lone_pong`). Like `_transport`, this relies on Hypercorn's internals (pinned in
+the scheduler each). Like `_transport`, this relies on Hypercorn's internals (pinned in
 pyproject.toml); tests/test_hostile_*.py show each on real sockets,
 tests/test_server_adapter.py event by event.
 """
@@ -75,8 +74,7 @@ from hypercorn.protocol import h11 as h11_protocol
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Body, Data, Request, StreamClosed
 from hypercorn.trio import tcp_server
-from wsproto import ConnectionType
-from wsproto.connection import Connection, ConnectionState
+from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, Pong
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
@@ -123,7 +121,6 @@ def missing() -> list[str]:
         "wsproto PerMessageDeflate.frame_inbound_payload_data": hasattr(
             PerMessageDeflate, "frame_inbound_payload_data"
         ),
-        "wsproto Connection._proto._frame_decoder": _has_frame_decoder(),
     }
     return [name for name, found in wanted.items() if not found]
 
@@ -165,9 +162,6 @@ def install(
     original_handle = stream.handle
 
     async def handle(self: Any, event: Any) -> None:
-        if type(event) is Data and (payload := _lone_pong(self, event.data)) is not None:
-            self.scope[LINK].pong(payload)
-            return
         if isinstance(event, Body | Data) and not self.closed and not self.handshake.accepted:
             await _early_data(self)
             return
@@ -282,29 +276,6 @@ async def _refuse_head(protocol: Any, problem: str) -> None:
     await protocol.send(Closed())
 
 
-def _lone_pong(stream: Any, data: bytes) -> bytes | None:
-    """The payload of the answer to one of the hub's pings, if this read is that and nothing else.
-
-    It is 14 bytes: FIN and opcode pong, then the mask bit and length 8, the mask, the payload.
-    Viewers that are behind answer a ping with every write, so these come by the thousand a
-    second; this skips wsproto's parser and Hypercorn's event path for them. Only while the
-    parser stands between frames (nothing of a frame buffered), so that what it reads next
-    begins a frame, as it would have after parsing this one.
-    """
-    if len(data) != 14 or data[0] != 0x8A or data[1] != 0x88 or stream.closed:
-        return None
-    connection = getattr(stream, "connection", None)  # there once the handshake is accepted
-    if connection is None or connection.state != ConnectionState.OPEN:
-        return None  # bytes before the handshake's answer: see _early_data
-    if stream.scope.get(LINK) is None:
-        return None
-    decoder = connection._proto._frame_decoder
-    if decoder.header is not None or len(decoder.buffer):
-        return None
-    mask = int.from_bytes(data[2:6] * 2, "big")
-    return (int.from_bytes(data[6:14], "big") ^ mask).to_bytes(8, "big")
-
-
 def _shield_all_but_data(protocol_send: Any) -> Any:
     """TCPServer.protocol_send, but closing the connection and (re)starting or stopping its idle
     timer run to the end even when called from an app task that is being cancelled. (Data is
@@ -318,13 +289,6 @@ def _shield_all_but_data(protocol_send: Any) -> Any:
                 await protocol_send(self, event)
 
     return send
-
-
-def _has_frame_decoder() -> bool:
-    """Whether wsproto's connections hold their parser where _lone_pong looks for it."""
-    proto = getattr(Connection(ConnectionType.SERVER), "_proto", None)
-    decoder = getattr(proto, "_frame_decoder", None)
-    return hasattr(decoder, "header") and hasattr(decoder, "buffer")
 
 
 async def _early_data(self: Any) -> None:
