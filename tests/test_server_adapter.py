@@ -13,7 +13,7 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock, Mock
@@ -25,10 +25,13 @@ from conftest import ROOT, RunningHub, free_port, write_hub_files
 from helpers import health, publish_frame, publisher, receive, viewer
 from hypercorn.config import Config
 from hypercorn.protocol.events import Data, Request, Response, StreamClosed
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.trio.tcp_server import TCPServer
 from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection, Message, Ping
+from wsproto.extensions import PerMessageDeflate
 
 import mt5hub.server
 from mt5hub.errors import ConfigError
@@ -58,10 +61,29 @@ class Recorder:
         self.got.append(("pong", payload))
 
 
+# What install() replaces, process-wide: put back after this module, so that the tests after
+# it (whose clients use wsproto's PerMessageDeflate too) run on the libraries as shipped.
+PATCHED = {
+    WSStream: ("handle", "_handle_events", "_mt5hub_guarded"),
+    TCPServer: ("protocol_send", "_read_data"),
+    H11Protocol: ("handle",),
+    PerMessageDeflate: ("frame_inbound_payload_data",),
+}
+
+
 @pytest.fixture(autouse=True, scope="module")
-def adapter_installed() -> None:
+def adapter_installed() -> Iterator[None]:
     assert _hardening.missing() == [], "the pinned Hypercorn/wsproto lack what the adapter needs"
+    missing = object()
+    saved = {(c, n): vars(c).get(n, missing) for c, names in PATCHED.items() for n in names}
     mt5hub.server.install(lambda role, code: None, max_message=1024, asgi_only=False)
+    yield
+    for (cls, name), value in saved.items():
+        if value is missing:
+            if name in vars(cls):
+                delattr(cls, name)
+        else:
+            setattr(cls, name, value)
 
 
 async def ws_stream(
