@@ -154,12 +154,6 @@ class Fanout:
         if conflated:
             self.metrics.conflated.inc(conflated)
 
-    def watched(self, table: TableId) -> bool:
-        """Whether any viewer, present or away, is sent this table's frames."""
-        if self._everything or any(table in wanted for _, wanted in self._wanted.values()):
-            return True
-        return any(v not in self._wanted for v in self._away)
-
     # -- viewers come and go ------------------------------------------------------------------
 
     @contextmanager

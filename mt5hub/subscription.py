@@ -114,13 +114,18 @@ class Subscription:
     """One viewer's rules, and the grant they are bounded by.
 
     `everything` is the common case (no parameters, no scope): the fan-out then offers the viewer
-    every frame without asking `wants`.
+    every frame without asking `wants`. (An attribute, kept with the rules: the fan-out asks it
+    each time a viewer comes back from `away`, thousands of times a second.)
     """
 
     def __init__(self, grant: Grant | None = None, initial: list[Selector] | None = None) -> None:
         self.grant = grant if grant is not None and ANY not in grant.keys else None
         chosen = [Selector()] if initial is None else initial
-        self._rules: list[tuple[bool, Selector]] = [(True, s) for s in chosen]
+        self._set([(True, s) for s in chosen])
+
+    def _set(self, rules: list[tuple[bool, Selector]]) -> None:
+        self._rules = rules
+        self.everything = self.grant is None and rules == [(True, Selector())]
 
     @classmethod
     def at_connect(
@@ -132,12 +137,8 @@ class Subscription:
         if asked is None:
             return subscription, []
         refused = subscription.forbidden(asked)
-        subscription._rules = [(True, s) for s in asked if s.key not in refused]
+        subscription._set([(True, s) for s in asked if s.key not in refused])
         return subscription, refused
-
-    @property
-    def everything(self) -> bool:
-        return self.grant is None and self._rules == [(True, Selector())]
 
     def wants(self, table: TableId) -> bool:
         if self.grant is not None and not self.grant.allows(table[0]):
@@ -161,8 +162,4 @@ class Subscription:
         if len(kept) + len(chosen) > MAX_RULES:
             raise ProtocolError("too_many_rules", f"a viewer may hold {MAX_RULES} subscribe and "
                                 "unsubscribe rules; reconnect with fewer")  # fmt: skip
-        self._rules = kept + [(include, s) for s in chosen]
-
-    def describe(self) -> dict[str, Any]:
-        """The rules, for the viewer's acknowledgement."""
-        return {"rules": [{"subscribe": inc, "key": s.key, "src": s.src} for inc, s in self._rules]}
+        self._set(kept + [(include, s) for s in chosen])
