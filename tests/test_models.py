@@ -143,11 +143,12 @@ def mangled_publishes(draw: st.DrawFn) -> dict[str, Any]:
             if key in target and draw(st.booleans()):
                 del target[key]
             else:
-                target[key] = draw(odd_values)
+                target[key] = copy.deepcopy(draw(odd_values))
         elif target and draw(st.booleans()):
-            target[draw(st.integers(0, len(target) - 1))] = draw(odd_values)
+            target[draw(st.integers(0, len(target) - 1))] = copy.deepcopy(draw(odd_values))
         else:
-            target.extend(draw(st.lists(odd_values, max_size=MAX_ROWS + 1)))
+            # Copies: `sampled_from` hands out its own `[]` and `{}`, which must stay empty.
+            target.extend(copy.deepcopy(draw(st.lists(odd_values, max_size=MAX_ROWS + 1))))
     return message
 
 
