@@ -29,10 +29,6 @@ def forbidden(keys: Sequence[str]) -> ProtocolError:
                          keys=list(keys))  # fmt: skip
 
 
-def error_frame(error: ProtocolError) -> Frame:
-    return Frame(encode({"type": "error", "code": error.code, **error.fields()}))
-
-
 class Delivery:
     """A viewer's subscription, whether it takes patches, and the seq of each table its peer
     holds once what was written reaches it."""
@@ -41,7 +37,6 @@ class Delivery:
         self.hub, self.subscription, self.delta = hub, subscription, delta
         self.held: dict[TableId, int] = {}
         self._changes = RateLimiter(CHANGE_RATE, CHANGE_BURST, flood_seconds)
-        self._all = subscription.everything  # (asked once per change, not per frame)
 
     def change(self, viewer: Subscriber, request: dict[str, Any]) -> Frame:
         """A `subscribe` or `unsubscribe` from the peer: the frame that acknowledges it (the
@@ -54,7 +49,6 @@ class Delivery:
         if subscribe and (beyond := self.subscription.forbidden(chosen)):
             raise forbidden(beyond)
         self.subscription.change(subscribe, chosen)
-        self._all = self.subscription.everything
         snapshot, removed = self.hub.resubscribe(viewer, self.subscription)
         for table in removed:
             self.held.pop(table, None)
@@ -66,7 +60,8 @@ class Delivery:
     def prepare(self, frames: Sequence[Frame]) -> tuple[list[Frame], dict[TableId, int]]:
         """What to write for these frames, and what the peer then holds (for `held`, once the
         write is under way)."""
-        held, wants = self.held, None if self._all else self.subscription.wants
+        subscription = self.subscription
+        held, wants = self.held, None if subscription.everything else subscription.wants
         after: dict[TableId, int] = {}
         out: list[Frame] = []
         for frame in frames:

@@ -202,14 +202,21 @@ class Fanout:
     def _join(
         self, viewer: Subscriber, subscription: Subscription | None, present: bool = True
     ) -> None:
-        if subscription is None or subscription.everything:
-            if present:
-                self._everything.add(viewer)
-            return
-        wanted = {table for table in self._tables if subscription.wants(table)}
-        self._wanted[viewer] = (subscription, wanted)
+        """Work out the tables it wants (once per subscription), and enter it if present."""
+        if subscription is not None and not subscription.everything:
+            wanted = {table for table in self._tables if subscription.wants(table)}
+            self._wanted[viewer] = (subscription, wanted)
         if present:
-            for table in wanted:
+            self._enter(viewer)
+
+    def _enter(self, viewer: Subscriber) -> None:
+        """Into the fan-out: among the viewers of every table, or in the audience of each
+        table it wants (as worked out when it subscribed)."""
+        entry = self._wanted.get(viewer)
+        if entry is None:
+            self._everything.add(viewer)
+        else:
+            for table in entry[1]:
                 self._audience.setdefault(table, set()).add(viewer)
 
     def _leave(self, viewer: Subscriber) -> None:
@@ -245,8 +252,7 @@ class Fanout:
             del self._away_marks[bisect_left(self._away_marks, mark)]
             if viewer in self.viewers:
                 self._away.discard(viewer)
-                entry = self._wanted.get(viewer)
-                self._join(viewer, None if entry is None else entry[0])
+                self._enter(viewer)
                 self._back(viewer, mark)
 
     def _back(self, viewer: Subscriber, mark: int) -> None:

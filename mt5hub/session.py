@@ -76,6 +76,11 @@ class Transport(Protocol):
         """Drop the connection now, so that a `send` stuck on a full socket returns."""
 
 
+def error_frame(error: ProtocolError) -> Frame:
+    """The error frame that answers a refused frame (the connection stays up)."""
+    return Frame(encode({"type": "error", "code": error.code, **error.fields()}))
+
+
 def _only_cancelled(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(trio.Cancelled)[1] is None
@@ -196,7 +201,7 @@ class Session:
                 "refused", self.peer, "%s %s: refused a frame, %s: %s",
                 self.role, self.peer, exc.code, exc.detail[:200],
             )  # fmt: skip
-            self.outbox.offer(Frame(encode({"type": "error", "code": exc.code, **exc.fields()})))
+            self.outbox.offer(error_frame(exc))
         except HubError as exc:
             self.fail(exc)
         except Exception as exc:  # our bug: this session ends, the task that read it carries on

@@ -14,19 +14,20 @@ from collections.abc import Sequence
 import trio
 
 from .config import Settings
-from .delivery import Delivery, error_frame, forbidden
+from .delivery import Delivery, forbidden
 from .fanout import Frame, Inbox
 from .flow import FlowControl
 from .hub import Hub
 from .models import parse_json
-from .session import Session, Transport
+from .session import Session, Transport, error_frame
 from .subscription import Subscription
 
 WRITE_BATCH_BYTES = 1024 * 1024  # a writer sends what is pending, up to this much, in one go
 
 
 class ViewerSession(Session):
-    """A dashboard: what it says only proves it lives; what it is sent is paced by `flow`."""
+    """A dashboard: what it says proves it lives or changes what it is sent (`subscribe`,
+    `unsubscribe`); how fast it is sent is paced by `flow`."""
 
     role = "viewer"
 

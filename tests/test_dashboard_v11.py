@@ -95,9 +95,7 @@ def test_a_bookmark_with_keys_opens_one_strategys_screen(
     expect(page.locator("section.panel")).to_have_count(1)
     publisher.publish(ea2(2))
     publisher.publish(EURUSD_H1)  # after EA2's: once the page has it, EA2's was not sent
-    page.wait_for_function(
-        "() => [...window.mt5hub.tables.values()].some((t) => t.key === 'EA1' && t.seq === 2)"
-    )
+    settled(page, {"EA1": 2})
     expect(page.locator("section.panel")).to_have_count(1)
     assert list(held(page)) == ['["EA1","EURUSD_PERIOD_H1"]']
 
@@ -119,9 +117,7 @@ def test_a_hidden_panel_is_unsubscribed_and_comes_back_with_its_latest_state(
 
     publisher.publish(ea2(7))
     publisher.publish(EURUSD_H1)
-    page.wait_for_function(
-        "() => [...window.mt5hub.tables.values()].some((t) => t.key === 'EA1' && t.seq === 2)"
-    )
+    settled(page, {"EA1": 2})
     assert list(held(page)) == ['["EA1","EURUSD_PERIOD_H1"]']  # EA2's update never came
 
     page.reload()  # still hidden, still offered in the menu, still not sent
